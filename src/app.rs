@@ -1,0 +1,268 @@
+//! Wiring and lifetime: starts every task, restarts a crashed device supervisor, and shuts
+//! down in phases with one deadline: devices first, then drain the queue, then `offline` and
+//! DISCONNECT. While waiting it says who is late.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::QoS;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::device::{self, DecoderFactory, DeviceRuntime, PortOpener, SerialOpener, State, SupervisorContext};
+use crate::metrics::{self, MqttMetrics};
+use crate::mqtt::{self, MqttShared};
+use crate::queue::{Control, LaneStats, ReadingQueue};
+use crate::topics::Topics;
+
+/// Device restart backoff bounds.
+const RESTART_MIN: Duration = Duration::from_millis(500);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+
+/// The seams: where ports come from, which decoders run, whether backoff is jittered.
+#[derive(Clone)]
+pub struct Hooks {
+    pub opener: Arc<dyn PortOpener>,
+    pub decoders: DecoderFactory,
+    /// Off in tests that need exact timings.
+    pub jitter: bool,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Self { opener: Arc::new(SerialOpener), decoders: device::default_decoders(), jitter: true }
+    }
+}
+
+/// How a run ended, per device.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub devices: Vec<(String, LaneStats)>,
+}
+
+impl Report {
+    /// Readings still queued or unacknowledged when the process stopped.
+    pub fn lost(&self) -> u64 {
+        self.devices.iter().map(|(_, s)| s.queued + s.in_flight).sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot set up the MQTT client: {0}")]
+    Setup(#[from] std::io::Error),
+    #[error("the {0} task stopped unexpectedly: {1}")]
+    CriticalTaskDied(&'static str, String),
+}
+
+/// Runs the gateway until `shutdown` completes, then shuts down within
+/// `gateway.shutdown_timeout`.
+///
+/// # Errors
+/// [`AppError`] when the MQTT client cannot be set up or a task the gateway cannot live
+/// without dies; the binary then exits non-zero so systemd restarts it.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<Report, AppError> {
+    run_with(config, shutdown, Hooks::default()).await
+}
+
+/// [`run`] with explicit seams.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks: Hooks) -> Result<Report, AppError> {
+    let started = Instant::now();
+    let topics = Topics::new(&config);
+    let queue = Arc::new(ReadingQueue::new(
+        config.devices.len(),
+        config.queue.max_readings.get(),
+        config.queue.max_bytes as usize,
+        config.queue.max_age,
+        config.mqtt.inflight,
+    ));
+    let devices: Arc<[Arc<DeviceRuntime>]> = config
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Arc::new(DeviceRuntime::new(i, d.clone(), topics.device_state[i].clone())))
+        .collect();
+
+    let (client, eventloop) = mqtt::client(&config, &topics)?;
+    let on_connect = {
+        let devices = Arc::clone(&devices);
+        Box::new(move || devices.iter().map(|d| d.state_message(&d.status())).collect::<Vec<Control>>())
+    };
+    let qos = if config.mqtt.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+    let shared = Arc::new(MqttShared::new(Arc::clone(&queue), topics.clone(), qos, on_connect));
+
+    let hard_stop = CancellationToken::new();
+    let draining = CancellationToken::new();
+    let devices_stop = CancellationToken::new();
+    let backoff = Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max, hooks.jitter);
+    let mut conn = tokio::spawn(mqtt::run_connection(eventloop, Arc::clone(&shared), backoff, hard_stop.clone()));
+    let mut sink = tokio::spawn(mqtt::run_sink(client, Arc::clone(&shared), draining.clone(), hard_stop.clone()));
+    let metrics_task = tokio::spawn(metrics_loop(
+        config.clone(),
+        Arc::clone(&devices),
+        Arc::clone(&shared),
+        started,
+        draining.clone(),
+    ));
+
+    let ctx_for = |dev: &Arc<DeviceRuntime>| SupervisorContext {
+        dev: Arc::clone(dev),
+        queue: Arc::clone(&queue),
+        opener: Arc::clone(&hooks.opener),
+        decoders: Arc::clone(&hooks.decoders),
+        started,
+        restart_min: RESTART_MIN,
+        restart_max: RESTART_MAX,
+        jitter: hooks.jitter,
+    };
+    let mut supervisors = JoinSet::new();
+    let mut task_device = std::collections::HashMap::new();
+    for dev in devices.iter() {
+        let h = supervisors.spawn(device::supervise(ctx_for(dev), devices_stop.clone()));
+        task_device.insert(h.id(), dev.index);
+    }
+    tracing::info!(devices = devices.len(), gateway = %config.gateway.id, "Gateway running.");
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            r = &mut conn => return Err(died("MQTT connection", r)),
+            r = &mut sink => return Err(died("MQTT sink", r)),
+            Some(r) = supervisors.join_next_with_id() => {
+                // A supervisor only returns at shutdown; anything else is a crash in it.
+                let (id, why) = match r {
+                    Ok((id, ())) => (id, "returned".to_string()),
+                    Err(e) => (e.id(), if e.is_panic() { device::panic_text(e.into_panic()) } else { e.to_string() }),
+                };
+                let Some(index) = task_device.remove(&id) else { continue };
+                let dev = &devices[index];
+                tracing::error!(device = dev.name(), error = %why, "Device supervisor crashed; restarting it.");
+                dev.counters.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let h = supervisors.spawn(device::supervise(ctx_for(dev), devices_stop.clone()));
+                task_device.insert(h.id(), index);
+            }
+        }
+    }
+
+    // Phase 1: stop reading. Supervisors end their sessions; decode threads finish the bytes
+    // already read, so every frame read is counted somewhere.
+    let deadline = Instant::now() + config.gateway.shutdown_timeout;
+    tracing::info!(timeout_ms = config.gateway.shutdown_timeout.as_millis() as u64, "Shutting down: stopping devices.");
+    devices_stop.cancel();
+    let devices_done = wait_with_progress(async { while supervisors.join_next().await.is_some() {} }, deadline, || {
+        let late: Vec<&str> = devices.iter().filter(|d| d.status().state != State::Stopped).map(|d| d.name()).collect();
+        format!("devices still stopping: {}", late.join(", "))
+    })
+    .await;
+    if !devices_done {
+        supervisors.abort_all();
+    }
+
+    // Phase 2: drain the queue, then `offline`, then DISCONNECT.
+    tracing::info!(queued = queue.depth().0, "Shutting down: draining the queue.");
+    draining.cancel();
+    let q = Arc::clone(&queue);
+    let drained = wait_with_progress(&mut sink, deadline, || {
+        let (n, _) = q.depth();
+        format!("MQTT sink still draining: {n} readings queued, broker connected: {}", shared.is_connected())
+    })
+    .await;
+    let closed = drained
+        && wait_with_progress(&mut conn, deadline.max(Instant::now() + Duration::from_secs(1)), || {
+            "MQTT connection still closing".into()
+        })
+        .await;
+    hard_stop.cancel();
+    if !drained {
+        let _ = sink.await;
+    }
+    if !closed {
+        let _ = conn.await;
+    }
+    let _ = metrics_task.await;
+
+    let report = Report { devices: devices.iter().map(|d| d.name().to_string()).zip(queue.stats()).collect() };
+    let lost = report.lost();
+    if lost > 0 {
+        for (name, s) in &report.devices {
+            if s.queued + s.in_flight > 0 {
+                tracing::error!(device = %name, lost = s.queued + s.in_flight, "Shutdown deadline passed: readings not delivered.");
+            }
+        }
+    }
+    tracing::info!(lost, "Gateway stopped.");
+    Ok(report)
+}
+
+fn died(what: &'static str, r: Result<(), tokio::task::JoinError>) -> AppError {
+    let why = match r {
+        Ok(()) => "it returned".to_string(),
+        Err(e) if e.is_panic() => device::panic_text(e.into_panic()),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(task = what, error = %why, "A task the gateway cannot live without stopped.");
+    AppError::CriticalTaskDied(what, why)
+}
+
+/// Awaits `fut` until `deadline`, logging `who()` every second meanwhile. True if it finished.
+async fn wait_with_progress<F: Future>(fut: F, deadline: Instant, who: impl Fn() -> String) -> bool {
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval_at(Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = &mut fut => return true,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(waiting_for = %who(), "Shutdown deadline reached.");
+                return false;
+            }
+            _ = tick.tick() => tracing::info!(waiting_for = %who(), "Shutdown in progress."),
+        }
+    }
+}
+
+/// Publishes metrics every `metrics_interval`, and once more when draining starts.
+async fn metrics_loop(
+    config: Config,
+    devices: Arc<[Arc<DeviceRuntime>]>,
+    shared: Arc<MqttShared>,
+    started: Instant,
+    draining: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(config.gateway.metrics_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            biased;
+            _ = draining.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let m = metrics::snapshot(
+            started.elapsed().as_secs(),
+            &devices,
+            &shared.queue,
+            &config.queue,
+            MqttMetrics {
+                connected: shared.is_connected(),
+                reconnects: shared.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+            },
+        );
+        let payload = serde_json::to_vec(&m).expect("metrics serialise");
+        shared.queue.push_control(Control {
+            topic: shared.topics.metrics.clone(),
+            payload: payload.into(),
+            retain: false,
+        });
+        if last {
+            return;
+        }
+    }
+}

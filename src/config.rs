@@ -1,0 +1,689 @@
+//! Typed configuration: TOML → structs, then one validation pass that collects every problem.
+//! No I/O beyond reading the file (and checking that a password file is readable).
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// `[[device]]` tables; at least one.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Used in every topic and in the default MQTT client id.
+    pub id: String,
+    /// How often the metrics topic is published.
+    #[serde(default = "d_metrics_interval", deserialize_with = "de_duration")]
+    pub metrics_interval: Duration,
+    /// How long shutdown may take to drain the queue before the rest is reported lost.
+    #[serde(default = "d_shutdown_timeout", deserialize_with = "de_duration")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    #[serde(default = "d_host")]
+    pub host: String,
+    #[serde(default = "d_port")]
+    pub port: u16,
+    /// 0 or 1. QoS 2 costs two extra round trips per reading and buys nothing here: the queue
+    /// already republishes un-acked readings, and consumers must tolerate duplicates anyway.
+    #[serde(default = "d_qos")]
+    pub qos: u8,
+    #[serde(default = "d_topic_prefix")]
+    pub topic_prefix: String,
+    /// Defaults to `sensorgate-<gateway.id>`.
+    pub client_id: Option<String>,
+    #[serde(default = "d_keep_alive", deserialize_with = "de_duration")]
+    pub keep_alive: Duration,
+    #[serde(default = "d_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Publishes sent but not yet acknowledged (QoS 1) at any moment.
+    #[serde(default = "d_inflight")]
+    pub inflight: u16,
+    #[serde(default = "d_backoff_min", deserialize_with = "de_duration")]
+    pub reconnect_min: Duration,
+    #[serde(default = "d_backoff_max", deserialize_with = "de_duration")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: d_host(),
+            port: d_port(),
+            qos: d_qos(),
+            topic_prefix: d_topic_prefix(),
+            client_id: None,
+            keep_alive: d_keep_alive(),
+            connect_timeout: d_connect_timeout(),
+            username: None,
+            password_file: None,
+            inflight: d_inflight(),
+            reconnect_min: d_backoff_min(),
+            reconnect_max: d_backoff_max(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Readings held while the broker is slow or away; the oldest go first when full.
+    #[serde(default = "d_max_readings")]
+    pub max_readings: NonZeroUsize,
+    /// Payload bytes held, whichever bound is hit first.
+    #[serde(default = "d_max_bytes", deserialize_with = "de_size")]
+    pub max_bytes: u64,
+    /// Readings older than this are dropped (counted as `expired`) instead of published.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_age: Option<Duration>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { max_readings: d_max_readings(), max_bytes: d_max_bytes(), max_age: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Used in topics and logs.
+    pub name: String,
+    /// Prefer `/dev/serial/by-id/...`: it survives re-enumeration after an unplug.
+    pub path: PathBuf,
+    #[serde(default = "d_baud")]
+    pub baud: u32,
+    #[serde(default = "d_data_bits")]
+    pub data_bits: u8,
+    #[serde(default)]
+    pub parity: Parity,
+    #[serde(default = "d_stop_bits")]
+    pub stop_bits: u8,
+    #[serde(default)]
+    pub flow_control: FlowControl,
+    pub framing: Framing,
+    /// Defaults to `json` for lines and `postcard` for cobs.
+    pub format: Option<Format>,
+    /// Longest frame accepted; longer ones are discarded up to the next delimiter and counted.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub max_frame: Option<u64>,
+    /// No bytes for this long: the device is stale and its port is reopened.
+    #[serde(default = "d_idle_timeout", deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "d_open_timeout", deserialize_with = "de_duration")]
+    pub open_timeout: Duration,
+    /// Names and units for the numbered channels of binary (postcard) frames.
+    #[serde(default, rename = "channel")]
+    pub channels: Vec<ChannelConfig>,
+}
+
+impl DeviceConfig {
+    /// The format after applying the framing's default.
+    pub fn format(&self) -> Format {
+        self.format.unwrap_or(match self.framing {
+            Framing::Lines => Format::Json,
+            Framing::Cobs => Format::Postcard,
+        })
+    }
+
+    /// The frame cap after applying the framing's default.
+    pub fn max_frame(&self) -> usize {
+        match (self.max_frame, self.framing) {
+            (Some(n), _) => n as usize,
+            (None, Framing::Lines) => 1024,
+            (None, Framing::Cobs) => sensorgate_wire::MAX_FRAME_LEN,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    pub id: u8,
+    pub name: String,
+    pub unit: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    /// `\n`-terminated text, `\r` stripped.
+    Lines,
+    /// COBS frames terminated by 0x00.
+    Cobs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One JSON object per line, passed through unchanged.
+    Json,
+    /// `key=value` pairs separated by spaces.
+    Kv,
+    /// sensorgate-wire `ReadingV1` (binary, for `cobs`).
+    Postcard,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    #[default]
+    None,
+    Odd,
+    Even,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControl {
+    #[default]
+    None,
+    Software,
+    Hardware,
+}
+
+fn d_metrics_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_host() -> String {
+    "127.0.0.1".into()
+}
+fn d_port() -> u16 {
+    1883
+}
+fn d_qos() -> u8 {
+    1
+}
+fn d_topic_prefix() -> String {
+    "sensorgate".into()
+}
+fn d_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_inflight() -> u16 {
+    100
+}
+fn d_backoff_min() -> Duration {
+    Duration::from_millis(200)
+}
+fn d_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_max_readings() -> NonZeroUsize {
+    NonZeroUsize::new(10_000).expect("non-zero literal")
+}
+fn d_max_bytes() -> u64 {
+    8 * 1024 * 1024
+}
+fn d_baud() -> u32 {
+    115_200
+}
+fn d_data_bits() -> u8 {
+    8
+}
+fn d_stop_bits() -> u8 {
+    1
+}
+fn d_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_open_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write it like \"500ms\", \"30s\" or \"2m\""))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("invalid size {s:?} ({e}); write it like \"1KiB\" or \"8MiB\""))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+/// Sizes may be a plain number of bytes or a string with a unit.
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bytes(n) => Ok(n),
+        Raw::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
+}
+
+/// One thing wrong with a configuration, located by key, with the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path, e.g. `device[1].baud`.
+    pub key: String,
+    /// 1-based line in the file, where known.
+    pub line: Option<usize>,
+    pub message: String,
+    pub fix: String,
+}
+
+/// A configuration that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the config file: {source} (fix: check the path given to --config and its permissions)", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}", render(path, problems))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+impl ConfigError {
+    /// Every problem found (one for a read error).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+fn render(path: &Path, problems: &[Problem]) -> String {
+    let mut out = format!("{}: {} problem(s) in the configuration", path.display(), problems.len());
+    for p in problems {
+        out.push('\n');
+        out.push_str(&p.to_string_in(path));
+    }
+    out
+}
+
+impl Problem {
+    fn new(key: impl Into<String>, message: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self { key: key.into(), line: None, message: message.into(), fix: fix.into() }
+    }
+
+    /// `FILE:LINE: KEY: MESSAGE (fix: FIX)`.
+    pub fn to_string_in(&self, path: &Path) -> String {
+        let loc = match self.line {
+            Some(l) => format!("{}:{l}", path.display()),
+            None => path.display().to_string(),
+        };
+        format!("{loc}: {}: {} (fix: {})", self.key, self.message, self.fix)
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} (fix: {})", self.key, self.message, self.fix)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Invalid`] with every
+    /// problem found otherwise.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|problems| ConfigError::Invalid { path: path.to_owned(), problems })
+    }
+
+    /// Parses and validates TOML text.
+    ///
+    /// # Errors
+    /// Every problem found; a syntax or type error stops parsing, so it comes alone.
+    pub fn from_toml(text: &str) -> Result<Self, Vec<Problem>> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = match e.path().to_string() {
+                p if p == "." => "(top level)".to_string(),
+                p => p.replace(".device[", "device[").trim_start_matches('.').to_string(),
+            };
+            let inner = e.into_inner();
+            let line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let message = inner.message().trim().to_string();
+            let fix = fix_for_parse_error(&message);
+            vec![Problem { key, line, message, fix }]
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The MQTT client id, after applying the default.
+    pub fn client_id(&self) -> String {
+        self.mqtt.client_id.clone().unwrap_or_else(|| format!("sensorgate-{}", self.gateway.id))
+    }
+
+    /// Every semantic problem, all at once.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        check_topic_name(&mut p, "gateway.id", &self.gateway.id);
+        if self.gateway.metrics_interval < Duration::from_millis(100) {
+            p.push(Problem::new("gateway.metrics_interval", "must be at least 100ms", "use e.g. \"30s\""));
+        }
+        let m = &self.mqtt;
+        if m.host.trim().is_empty() {
+            p.push(Problem::new("mqtt.host", "is empty", "set the broker's host name or address"));
+        }
+        if m.port == 0 {
+            p.push(Problem::new("mqtt.port", "must not be 0", "use the broker's port, usually 1883"));
+        }
+        if m.qos > 1 {
+            p.push(Problem::new(
+                "mqtt.qos",
+                format!("QoS {} is not supported", m.qos),
+                "use 1 (at least once, the default) or 0 (at most once)",
+            ));
+        }
+        if m.topic_prefix.is_empty()
+            || m.topic_prefix.starts_with('/')
+            || m.topic_prefix.ends_with('/')
+            || m.topic_prefix.contains(['+', '#', '\0'])
+            || m.topic_prefix.split('/').any(str::is_empty)
+        {
+            p.push(Problem::new(
+                "mqtt.topic_prefix",
+                format!("{:?} is not a usable topic prefix", m.topic_prefix),
+                "use levels separated by single '/', without '+', '#' or a leading/trailing '/', e.g. \"sensorgate\"",
+            ));
+        }
+        if let Some(id) = &m.client_id {
+            if id.is_empty() || id.len() > 128 {
+                p.push(Problem::new(
+                    "mqtt.client_id",
+                    "must be 1 to 128 bytes",
+                    "remove it to use sensorgate-<gateway.id>",
+                ));
+            }
+        }
+        if m.keep_alive < Duration::from_secs(5) || m.keep_alive > Duration::from_secs(65535) {
+            p.push(Problem::new("mqtt.keep_alive", "must be between 5s and 65535s", "use e.g. \"30s\""));
+        }
+        if m.connect_timeout < Duration::from_secs(1) {
+            p.push(Problem::new("mqtt.connect_timeout", "must be at least 1s", "use e.g. \"10s\""));
+        }
+        if m.inflight == 0 {
+            p.push(Problem::new("mqtt.inflight", "must be at least 1", "use e.g. 100"));
+        }
+        if m.reconnect_min.is_zero() || m.reconnect_min > m.reconnect_max {
+            p.push(Problem::new(
+                "mqtt.reconnect_min",
+                "must be above zero and not above mqtt.reconnect_max",
+                "use e.g. reconnect_min = \"200ms\", reconnect_max = \"30s\"",
+            ));
+        }
+        match (&m.username, &m.password_file) {
+            (None, Some(_)) => p.push(Problem::new(
+                "mqtt.password_file",
+                "is given without mqtt.username",
+                "add mqtt.username, or remove mqtt.password_file",
+            )),
+            (_, Some(f)) => {
+                if let Err(e) = std::fs::File::open(f) {
+                    p.push(Problem::new(
+                        "mqtt.password_file",
+                        format!("{} cannot be read: {e}", f.display()),
+                        "check the path and that the gateway's user may read it",
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if self.queue.max_bytes < 1024 {
+            p.push(Problem::new("queue.max_bytes", "must be at least 1KiB", "use e.g. \"8MiB\""));
+        }
+        if self.devices.is_empty() {
+            p.push(Problem::new("device", "no [[device]] is configured", "add a [[device]] table per serial port"));
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            self.validate_device(&mut p, i, d);
+        }
+        p
+    }
+
+    fn validate_device(&self, p: &mut Vec<Problem>, i: usize, d: &DeviceConfig) {
+        let k = |field: &str| format!("device[{i}].{field}");
+        check_topic_name(p, &k("name"), &d.name);
+        if let Some(j) = self.devices[..i].iter().position(|o| o.name == d.name) {
+            p.push(Problem::new(
+                k("name"),
+                format!("{:?} is also the name of device[{j}]", d.name),
+                "give every device its own name",
+            ));
+        }
+        if let Some(j) = self.devices[..i].iter().position(|o| o.path == d.path) {
+            p.push(Problem::new(
+                k("path"),
+                format!("{} is also the path of device[{j}]", d.path.display()),
+                "a port can be read by one device only; remove one of them",
+            ));
+        }
+        if d.path.as_os_str().is_empty() {
+            p.push(Problem::new(k("path"), "is empty", "use the port's path, e.g. /dev/serial/by-id/usb-..."));
+        }
+        if d.baud == 0 {
+            p.push(Problem::new(k("baud"), "must be above 0", "use your sensor's baud rate, e.g. 115200"));
+        }
+        if !(5..=8).contains(&d.data_bits) {
+            p.push(Problem::new(k("data_bits"), "must be 5, 6, 7 or 8", "remove it to use 8"));
+        }
+        if !(1..=2).contains(&d.stop_bits) {
+            p.push(Problem::new(k("stop_bits"), "must be 1 or 2", "remove it to use 1"));
+        }
+        match (d.framing, d.format()) {
+            (Framing::Lines, Format::Json | Format::Kv) | (Framing::Cobs, Format::Postcard) => {}
+            (Framing::Lines, Format::Postcard) => p.push(Problem::new(
+                k("format"),
+                "\"postcard\" is binary and needs framing = \"cobs\"",
+                "use format = \"json\" or \"kv\" with lines, or framing = \"cobs\"",
+            )),
+            (Framing::Cobs, f) => p.push(Problem::new(
+                k("format"),
+                format!("{f:?} is a text format and needs framing = \"lines\""),
+                "use format = \"postcard\" (the default) with cobs",
+            )),
+        }
+        let max = d.max_frame();
+        if !(16..=65536).contains(&max) {
+            p.push(Problem::new(k("max_frame"), "must be between 16 bytes and 64KiB", "use e.g. \"1KiB\""));
+        } else if max as u64 > self.queue.max_bytes / 4 {
+            p.push(Problem::new(
+                k("max_frame"),
+                "is larger than a quarter of queue.max_bytes",
+                "lower max_frame or raise queue.max_bytes",
+            ));
+        }
+        if d.idle_timeout < Duration::from_millis(100) {
+            p.push(Problem::new(k("idle_timeout"), "must be at least 100ms", "use e.g. \"30s\""));
+        }
+        if d.open_timeout < Duration::from_millis(100) {
+            p.push(Problem::new(k("open_timeout"), "must be at least 100ms", "use e.g. \"5s\""));
+        }
+        if !d.channels.is_empty() && d.format() != Format::Postcard {
+            p.push(Problem::new(
+                k("channel"),
+                "channel names only apply to binary (postcard) frames",
+                "remove the [[device.channel]] tables, text formats name their own fields",
+            ));
+        }
+        for (c, ch) in d.channels.iter().enumerate() {
+            if ch.name.is_empty() || ch.name == crate::reading::RESERVED_KEY || ch.name.chars().any(char::is_control) {
+                p.push(Problem::new(
+                    format!("device[{i}].channel[{c}].name"),
+                    format!("{:?} cannot be used as a field name", ch.name),
+                    format!(
+                        "use a plain name such as \"temperature\" (not empty, not {:?})",
+                        crate::reading::RESERVED_KEY
+                    ),
+                ));
+            }
+            if d.channels[..c].iter().any(|o| o.id == ch.id) {
+                p.push(Problem::new(
+                    format!("device[{i}].channel[{c}].id"),
+                    format!("channel id {} is listed twice", ch.id),
+                    "give each channel id one entry",
+                ));
+            }
+            if d.channels[..c].iter().any(|o| o.name == ch.name) {
+                p.push(Problem::new(
+                    format!("device[{i}].channel[{c}].name"),
+                    format!("channel name {:?} is used twice", ch.name),
+                    "give each channel its own name",
+                ));
+            }
+        }
+    }
+}
+
+/// Names used as topic levels: no wildcards, separators or NUL, nothing that needs quoting.
+fn check_topic_name(p: &mut Vec<Problem>, key: &str, name: &str) {
+    let bad = name.is_empty()
+        || name.len() > 64
+        || name.chars().any(|c| matches!(c, '+' | '#' | '/' | '\0') || c.is_control() || c.is_whitespace());
+    if bad {
+        p.push(Problem::new(
+            key,
+            format!("{name:?} cannot be used in MQTT topics"),
+            "use 1 to 64 characters without '+', '#', '/', spaces or control characters, e.g. \"greenhouse-1\"",
+        ));
+    }
+}
+
+fn fix_for_parse_error(message: &str) -> String {
+    if message.starts_with("unknown field") {
+        "remove the key or correct its spelling (config/sensorgate.example.toml lists every key)".into()
+    } else if message.starts_with("missing field") {
+        "add the key (config/sensorgate.example.toml shows it with an example)".into()
+    } else if message.starts_with("unknown variant") {
+        "use one of the expected values".into()
+    } else if message.contains("duration") || message.contains("size") {
+        "write durations like \"30s\" and sizes like \"1KiB\"".into()
+    } else {
+        "correct the value; config/sensorgate.example.toml shows every key with its type".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[gateway]
+id = "gw"
+[[device]]
+name = "a"
+path = "/dev/ttyUSB0"
+framing = "lines"
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.mqtt.port, 1883);
+        assert_eq!(c.mqtt.qos, 1);
+        assert_eq!(c.mqtt.topic_prefix, "sensorgate");
+        assert_eq!(c.queue.max_readings.get(), 10_000);
+        assert_eq!(c.queue.max_bytes, 8 * 1024 * 1024);
+        assert_eq!(c.devices[0].format(), Format::Json);
+        assert_eq!(c.devices[0].max_frame(), 1024);
+        assert_eq!(c.devices[0].idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.client_id(), "sensorgate-gw");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = MINIMAL.replace("framing = \"lines\"", "framing = \"lines\"\nbaudrate = 9600");
+        let p = Config::from_toml(&text).unwrap_err();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "device[0].baudrate");
+        assert!(p[0].message.contains("unknown field `baudrate`"), "{}", p[0].message);
+        assert_eq!(p[0].line, Some(8));
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let text = MINIMAL.replace("framing = \"lines\"", "framing = \"lines\"\nidle_timeout = \"3 parsecs\"");
+        let p = Config::from_toml(&text).unwrap_err();
+        assert_eq!(p[0].key, "device[0].idle_timeout");
+        assert!(p[0].message.contains("invalid duration"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn all_semantic_problems_are_reported_at_once() {
+        let text = r#"
+[gateway]
+id = "green/house"
+[mqtt]
+qos = 2
+[[device]]
+name = "a"
+path = "/dev/ttyUSB0"
+framing = "cobs"
+format = "kv"
+[[device]]
+name = "a"
+path = "/dev/ttyUSB0"
+framing = "lines"
+baud = 0
+"#;
+        let p = Config::from_toml(text).unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["gateway.id", "mqtt.qos", "device[0].format", "device[1].name", "device[1].path", "device[1].baud"]
+        );
+        assert!(p.iter().all(|p| !p.fix.is_empty()));
+    }
+
+    #[test]
+    fn sizes_accept_units_and_plain_numbers() {
+        let text = MINIMAL.replace("framing = \"lines\"", "framing = \"lines\"\nmax_frame = \"2KiB\"")
+            + "[queue]\nmax_bytes = 65536\n";
+        let c = Config::from_toml(&text).unwrap();
+        assert_eq!(c.devices[0].max_frame(), 2048);
+        assert_eq!(c.queue.max_bytes, 65536);
+    }
+}

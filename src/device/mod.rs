@@ -1,0 +1,110 @@
+//! One serial device: its supervisor task, its session (owns the port) and its decode thread.
+
+mod port;
+mod session;
+mod supervisor;
+mod worker;
+
+pub use self::port::{PortOpener, SerialOpener, SerialPort};
+pub use self::session::SessionEnd;
+pub use self::supervisor::{supervise, SupervisorContext};
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::config::DeviceConfig;
+use crate::decode::Decode;
+use crate::queue::{Control, ReadingQueue};
+use crate::telemetry::DeviceCounters;
+
+/// Makes a device's decoder; the seam where tests put a slow or panicking one.
+pub type DecoderFactory = Arc<dyn Fn(&DeviceConfig) -> Box<dyn Decode> + Send + Sync>;
+
+/// The production decoders.
+pub fn default_decoders() -> DecoderFactory {
+    Arc::new(crate::decode::for_device)
+}
+
+/// Supervisor states (contract: the `state` field of the device state topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Opening the port.
+    Opening,
+    /// Port open, reading.
+    Up,
+    /// No bytes for `idle_timeout`; the port is being reopened.
+    Stale,
+    /// Waiting before the next attempt.
+    Backoff,
+    /// Stopped for good (shutdown).
+    Stopped,
+}
+
+/// What the device state topic carries.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub state: State,
+    /// RFC 3339 time of the last state change.
+    pub since: String,
+    pub restarts: u64,
+    pub last_error: Option<String>,
+}
+
+/// Shared, long-lived facts about one device: config, counters, current status.
+pub struct DeviceRuntime {
+    pub index: usize,
+    pub config: DeviceConfig,
+    pub counters: DeviceCounters,
+    state_topic: String,
+    status: Mutex<Status>,
+}
+
+impl DeviceRuntime {
+    pub fn new(index: usize, config: DeviceConfig, state_topic: String) -> Self {
+        let status = Status { state: State::Opening, since: now_rfc3339(), restarts: 0, last_error: None };
+        Self { index, config, counters: DeviceCounters::default(), state_topic, status: Mutex::new(status) }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Records a state change and queues the retained state message.
+    pub fn set_state(&self, queue: &ReadingQueue, state: State, error: Option<String>) {
+        let status = {
+            let mut s = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            s.state = state;
+            s.since = now_rfc3339();
+            s.restarts = self.counters.restarts.load(std::sync::atomic::Ordering::Relaxed);
+            if error.is_some() {
+                s.last_error = error;
+            }
+            s.clone()
+        };
+        tracing::info!(device = self.name(), state = ?state, "Device state changed.");
+        queue.push_control(self.state_message(&status));
+    }
+
+    /// The retained state message for `status`.
+    pub fn state_message(&self, status: &Status) -> Control {
+        let payload = serde_json::to_vec(status).expect("status serialises");
+        Control { topic: self.state_topic.clone(), payload: Bytes::from(payload), retain: true }
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// The message of a caught panic.
+pub fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    worker::panic_message(&*panic)
+}

@@ -1,0 +1,105 @@
+//! One open port: read under the idle timeout, hand chunks to the decode thread, end on any
+//! I/O error, EOF, silence or decoder panic. The supervisor decides what happens next.
+
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::worker::{panic_message, Chunk, Worker};
+use super::{SerialPort, SupervisorContext};
+use crate::telemetry::now_us;
+
+/// Read buffer growth step. Chunks are split off it, so one allocation serves many reads.
+const READ_CHUNK: usize = 4096;
+/// Chunks waiting for the decode thread. Small on purpose: a slow decoder slows its own
+/// port's reads (the kernel buffers, then the sensor waits), it never grows memory.
+const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Why a session ended. Every variant but `Cancelled` leads to a restart.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    #[error("shutting down")]
+    Cancelled,
+    /// `read()` returned 0: on Linux, an unplugged adapter or a closed pseudo-terminal.
+    #[error("end of file (device unplugged or closed)")]
+    Eof,
+    #[error("read failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("no data for {0:?}")]
+    Idle(Duration),
+    #[error("decoder panicked: {0}")]
+    DecoderPanic(String),
+}
+
+/// Runs one session on an open port.
+pub async fn run(mut port: SerialPort, ctx: &SupervisorContext, dev_cancel: &CancellationToken) -> SessionEnd {
+    let dev = &ctx.dev;
+    let (tx, rx) = mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
+    let (panic_tx, mut panic_rx) = oneshot::channel();
+    let worker = Worker {
+        dev: Arc::clone(dev),
+        queue: Arc::clone(&ctx.queue),
+        decoders: Arc::clone(&ctx.decoders),
+        started: ctx.started,
+        panicked: Some(panic_tx),
+    };
+    // A dedicated thread rather than spawn_blocking: it lives as long as the session, keeps
+    // the device's frames in order, and cannot starve the blocking pool others rely on.
+    let handle = match std::thread::Builder::new().name(format!("decode-{}", dev.name())).spawn(move || worker.run(rx))
+    {
+        Ok(h) => h,
+        Err(e) => return SessionEnd::Io(e),
+    };
+
+    let idle = dev.config.idle_timeout;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut end = loop {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = tokio::select! {
+            biased;
+            _ = dev_cancel.cancelled() => break SessionEnd::Cancelled,
+            msg = &mut panic_rx => break SessionEnd::DecoderPanic(msg.unwrap_or_else(|_| "decode thread ended".into())),
+            r = tokio::time::timeout(idle, port.read_buf(&mut buf)) => r,
+        };
+        match read {
+            Err(_) => break SessionEnd::Idle(idle),
+            // Never read again after Ok(0): on an unplugged adapter it repeats forever.
+            Ok(Ok(0)) => break SessionEnd::Eof,
+            Ok(Err(e)) => break SessionEnd::Io(e),
+            Ok(Ok(n)) => {
+                dev.counters.bytes_in.fetch_add(n as u64, Relaxed);
+                // Bytes already read are decoded even if shutdown starts now: not racing
+                // cancellation here keeps them from being lost unaccounted.
+                if tx.send((buf.split().freeze(), now_us())).await.is_err() {
+                    break SessionEnd::DecoderPanic("decode thread ended".into());
+                }
+            }
+        }
+    };
+    drop(port);
+    drop(tx);
+    // The thread drains what it was given, then ends; its panic (outside a frame) shows here.
+    let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+    if matches!(end, SessionEnd::Cancelled) {
+        return end;
+    }
+    match joined {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => end = SessionEnd::DecoderPanic(panic_message(&*panic)),
+        Err(e) => end = SessionEnd::DecoderPanic(e.to_string()),
+    }
+    if let Ok(msg) = panic_rx.try_recv() {
+        if !matches!(end, SessionEnd::DecoderPanic(_)) {
+            end = SessionEnd::DecoderPanic(msg);
+        }
+    }
+    end
+}

@@ -1,0 +1,42 @@
+//! sensorgate: serial sensors → MQTT, small, bounded and supervised.
+//!
+//! ```text
+//!  serial port ─► device supervisor (tokio task per device, owns the SerialStream)
+//!                   │ read() under idle_timeout; chunks over a small bounded channel
+//!                   ▼
+//!                 decode thread (std::thread "decode-<device>", owns framer + decoder)
+//!                   │ framing (lines | cobs) → decode (json | kv | postcard) → payload
+//!                   │ bad frame: counted by reason, logged, skipped
+//!                   │ push(): synchronous, never blocks
+//!                   ▼
+//!                 ReadingQueue (count + byte bound, drop-oldest, fair across devices)
+//!                   │ pop_next()                 ▲ in-flight readings come back on disconnect
+//!                   ▼                            │
+//!                 MQTT sink task ─► rumqttc AsyncClient (tiny channel) ─► connection task
+//!                                                   (owns the EventLoop, backs off, acks)
+//!  metrics task: counters → metrics topic;  app::run: cancellation tree + task tracker
+//! ```
+//!
+//! Layout:
+//! - [`config`]: typed TOML config, validated as a whole.
+//! - [`framing`], [`decode`], [`reading`]: sans-IO frame splitting, decoding, payloads.
+//! - [`queue`]: the one bounded queue and the in-flight ledger.
+//! - [`device`]: supervisor, session and decode thread of one serial device.
+//! - [`mqtt`]: the connection task and the sink.
+//! - [`telemetry`]: counters and log-and-count events; [`metrics`]: the metrics payload.
+//! - [`app`]: wiring and phased shutdown; [`simulate`]: the sensor simulator.
+
+pub mod app;
+pub mod backoff;
+pub mod config;
+pub mod decode;
+pub mod device;
+pub mod framing;
+pub mod metrics;
+pub mod mqtt;
+pub mod queue;
+pub mod reading;
+pub mod reject;
+pub mod simulate;
+pub mod telemetry;
+pub mod topics;

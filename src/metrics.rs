@@ -1,0 +1,118 @@
+//! The metrics payload (contract: field names are documented in README and stay stable;
+//! counters only grow, so rates can be derived).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+
+use serde::Serialize;
+
+use crate::device::{DeviceRuntime, State};
+use crate::queue::ReadingQueue;
+use crate::reject::Reject;
+
+#[derive(Debug, Serialize)]
+pub struct Metrics<'a> {
+    pub uptime_s: u64,
+    pub queue: QueueMetrics,
+    pub mqtt: MqttMetrics,
+    pub devices: BTreeMap<&'a str, DeviceMetrics>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueueMetrics {
+    pub readings: usize,
+    pub bytes: usize,
+    pub max_readings: usize,
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MqttMetrics {
+    pub connected: bool,
+    pub reconnects: u64,
+}
+
+/// Per device. `readings = delivered + dropped_oldest + expired + queued + in_flight` and
+/// `frames_in = readings + rejected.total` hold in every snapshot.
+#[derive(Debug, Serialize)]
+pub struct DeviceMetrics {
+    pub state: State,
+    pub bytes_in: u64,
+    pub frames_in: u64,
+    pub readings: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+    pub sequence_gaps: u64,
+    pub delivered: u64,
+    pub dropped_oldest: u64,
+    pub expired: u64,
+    pub queued: u64,
+    pub in_flight: u64,
+    pub republished: u64,
+    pub restarts: u64,
+    /// Milliseconds since the last reading; absent before the first.
+    pub last_reading_age_ms: Option<u64>,
+}
+
+/// A snapshot. The queue's part (readings and where they are) is taken under one lock, so the
+/// second identity holds exactly. `frames_in` is read separately, so while frames are arriving
+/// it may differ from `readings + rejected` by the few being decoded; at rest it is exact.
+pub fn snapshot<'a>(
+    uptime_s: u64,
+    devices: &'a [std::sync::Arc<DeviceRuntime>],
+    queue: &ReadingQueue,
+    config: &crate::config::QueueConfig,
+    mqtt: MqttMetrics,
+) -> Metrics<'a> {
+    let now_us = crate::telemetry::now_us();
+    let counters: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            let c = &d.counters;
+            let rejected: BTreeMap<_, _> = Reject::ALL
+                .iter()
+                .map(|r| (r.as_str(), c.rejected[r.index()].load(Relaxed)))
+                .chain([("total", c.rejected_total())])
+                .collect();
+            (c.frames_in.load(Relaxed), rejected)
+        })
+        .collect();
+    let lanes = queue.stats();
+    let (depth, bytes) = queue.depth();
+    let devices = devices
+        .iter()
+        .zip(counters)
+        .zip(lanes)
+        .map(|((d, (frames_in, rejected)), lane)| {
+            let c = &d.counters;
+            let last = c.last_reading_us.load(Relaxed);
+            let m = DeviceMetrics {
+                state: d.status().state,
+                bytes_in: c.bytes_in.load(Relaxed),
+                frames_in,
+                readings: lane.readings,
+                rejected,
+                sequence_gaps: c.sequence_gaps.load(Relaxed),
+                delivered: lane.delivered,
+                dropped_oldest: lane.dropped_oldest,
+                expired: lane.expired,
+                queued: lane.queued,
+                in_flight: lane.in_flight,
+                republished: lane.republished,
+                restarts: c.restarts.load(Relaxed),
+                last_reading_age_ms: (last > 0).then(|| now_us.saturating_sub(last) / 1000),
+            };
+            (d.name(), m)
+        })
+        .collect();
+    Metrics {
+        uptime_s,
+        queue: QueueMetrics {
+            readings: depth,
+            bytes,
+            max_readings: config.max_readings.get(),
+            max_bytes: config.max_bytes,
+        },
+        mqtt,
+        devices,
+    }
+}

@@ -1,0 +1,501 @@
+//! The one bounded queue between the decoders and the MQTT sink, and the ledger of what is in
+//! flight to the broker. Never blocks a producer, never grows past its bounds.
+//!
+//! Overflow policy, [`ReadingQueue::push`]: **drop oldest, fairly**. When the queue is full the
+//! device holding the most readings (or bytes) loses its oldest one, so a flooding device evicts
+//! its own backlog before anyone else's, and what reaches the broker after an outage is the
+//! newest data. Who loses data: the device that sent the most while the broker could not keep
+//! up. Every eviction is counted per device (`dropped_oldest`).
+//!
+//! A reading leaves the ledger only when delivered: acknowledged (QoS 1) or written (QoS 0).
+//! Readings in flight when the connection drops go back to the front of their device's lane
+//! (counted as `republished`), because rumqttc forgets them when the broker has no session.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Per-device accounting kept by the queue. Together with the decoder's counters it makes
+/// `readings = delivered + dropped_oldest + expired + queued + in_flight` hold at every moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LaneStats {
+    /// Readings ever pushed for this device.
+    pub readings: u64,
+    pub queued: u64,
+    pub queued_bytes: u64,
+    pub in_flight: u64,
+    pub delivered: u64,
+    pub dropped_oldest: u64,
+    pub expired: u64,
+    /// Readings sent again after a connection loss (possible duplicates at the broker).
+    pub republished: u64,
+}
+
+/// Something the sink should publish next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    Reading { device: usize, payload: Bytes },
+    Control(Control),
+}
+
+/// A gateway message (state, metrics): not a reading, not counted as one. The newest message
+/// for a topic replaces an unsent older one, so these are bounded by the number of topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retain: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    seq: u64,
+    payload: Bytes,
+    at: Instant,
+}
+
+#[derive(Debug)]
+enum InFlight {
+    Reading { device: usize, entry: Entry },
+    Control,
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    items: VecDeque<Entry>,
+    stats: LaneStats,
+}
+
+#[derive(Debug)]
+struct Inner {
+    lanes: Vec<Lane>,
+    len: usize,
+    bytes: usize,
+    next_seq: u64,
+    control: VecDeque<Control>,
+    /// Handed to the MQTT client, packet id not yet known (in request order).
+    unassigned: VecDeque<InFlight>,
+    /// Waiting for PUBACK, indexed by packet id.
+    awaiting_ack: Vec<Option<InFlight>>,
+    /// A publish whose packet id collided; rumqttc sends it once that id is acked.
+    collided: Option<(u16, InFlight)>,
+}
+
+/// Bounded, drop-oldest, fair across devices; see the module docs for the policy.
+#[derive(Debug)]
+pub struct ReadingQueue {
+    inner: Mutex<Inner>,
+    notify: Notify,
+    max_len: usize,
+    max_bytes: usize,
+    max_age: Option<Duration>,
+}
+
+/// What a push did, for the caller to log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// Readings evicted to make room (from whichever devices held the most); the exact
+    /// per-device counts are in the lane stats.
+    pub evicted: u32,
+}
+
+impl ReadingQueue {
+    /// A queue for `devices` lanes. `max_inflight` is the MQTT in-flight window.
+    pub fn new(devices: usize, max_len: usize, max_bytes: usize, max_age: Option<Duration>, max_inflight: u16) -> Self {
+        let inner = Inner {
+            lanes: (0..devices).map(|_| Lane::default()).collect(),
+            len: 0,
+            bytes: 0,
+            next_seq: 0,
+            control: VecDeque::new(),
+            unassigned: VecDeque::new(),
+            awaiting_ack: (0..=max_inflight).map(|_| None).collect(),
+            collided: None,
+        };
+        Self { inner: Mutex::new(inner), notify: Notify::new(), max_len: max_len.max(1), max_bytes, max_age }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain counters and deques, all still valid.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a reading. Synchronous and short: safe to call from decoder threads.
+    pub fn push(&self, device: usize, payload: Bytes) -> PushOutcome {
+        let now = Instant::now();
+        let mut q = self.lock();
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        let size = payload.len();
+        q.len += 1;
+        q.bytes += size;
+        let lane = &mut q.lanes[device];
+        lane.stats.readings += 1;
+        lane.stats.queued += 1;
+        lane.stats.queued_bytes += size as u64;
+        lane.items.push_back(Entry { seq, payload, at: now });
+        let evicted = q.enforce_bounds(device, self.max_len, self.max_bytes);
+        drop(q);
+        self.notify.notify_one();
+        PushOutcome { evicted }
+    }
+
+    /// Queues a control message ahead of readings, replacing an unsent one for the same topic.
+    pub fn push_control(&self, control: Control) {
+        self.insert_control(control, false);
+    }
+
+    /// As [`push_control`](Self::push_control), but ahead of every other control message
+    /// (the gateway's `online` goes before the device states it qualifies).
+    pub fn push_control_first(&self, control: Control) {
+        self.insert_control(control, true);
+    }
+
+    fn insert_control(&self, control: Control, first: bool) {
+        let mut q = self.lock();
+        q.control.retain(|c| c.topic != control.topic);
+        if first {
+            q.control.push_front(control);
+        } else {
+            q.control.push_back(control);
+        }
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Takes the next thing to publish and records it as handed to the client: control
+    /// messages first, then the oldest reading of any device. Expired readings are counted
+    /// and skipped here.
+    pub fn pop_next(&self) -> Option<Outbound> {
+        let mut q = self.lock();
+        if let Some(c) = q.control.pop_front() {
+            q.unassigned.push_back(InFlight::Control);
+            return Some(Outbound::Control(c));
+        }
+        loop {
+            let device = q.lanes.iter().enumerate().filter_map(|(i, l)| Some((l.items.front()?.seq, i))).min()?.1;
+            let entry = q.take_front(device).expect("lane has a front");
+            let lane = &mut q.lanes[device];
+            if self.max_age.is_some_and(|age| entry.at.elapsed() > age) {
+                lane.stats.expired += 1;
+                continue;
+            }
+            lane.stats.in_flight += 1;
+            let payload = entry.payload.clone();
+            q.unassigned.push_back(InFlight::Reading { device, entry });
+            return Some(Outbound::Reading { device, payload });
+        }
+    }
+
+    /// The client wrote the oldest unassigned publish as packet `pkid` (0 at QoS 0, where
+    /// being written is being delivered).
+    pub fn on_published(&self, pkid: u16) {
+        let mut q = self.lock();
+        let item = match q.collided.take() {
+            Some((id, item)) if id == pkid => Some(item),
+            other => {
+                q.collided = other;
+                q.unassigned.pop_front()
+            }
+        };
+        let Some(item) = item else {
+            tracing::error!(pkid, "Publish reported by the MQTT client was not handed out by the queue.");
+            return;
+        };
+        if pkid == 0 {
+            q.delivered(item);
+        } else if let Some(slot) = q.awaiting_ack.get_mut(usize::from(pkid)) {
+            if slot.replace(item).is_some() {
+                tracing::error!(pkid, "Packet id reused before it was acknowledged.");
+            }
+        } else {
+            tracing::error!(pkid, "Packet id outside the in-flight window.");
+        }
+    }
+
+    /// The client holds the oldest unassigned publish back until `pkid` is acknowledged.
+    pub fn on_collision(&self, pkid: u16) {
+        let mut q = self.lock();
+        if let Some(item) = q.unassigned.pop_front() {
+            q.collided = Some((pkid, item));
+        }
+    }
+
+    /// The broker acknowledged packet `pkid`.
+    pub fn on_acked(&self, pkid: u16) {
+        let mut q = self.lock();
+        match q.awaiting_ack.get_mut(usize::from(pkid)).and_then(Option::take) {
+            Some(item) => q.delivered(item),
+            None => tracing::warn!(pkid, "Acknowledgement for a packet id not in flight."),
+        }
+    }
+
+    /// The connection dropped: every reading in flight goes back to the front of its lane, in
+    /// order, to be published again. Control messages in flight are dropped (they are
+    /// re-sent on connect). Returns how many readings were put back.
+    pub fn requeue_in_flight(&self) -> u64 {
+        let mut q = self.lock();
+        let mut back: Vec<(usize, Entry)> = Vec::new();
+        let collided = q.collided.take().map(|(_, item)| item);
+        let awaiting: Vec<InFlight> = q.awaiting_ack.iter_mut().filter_map(Option::take).collect();
+        let items = q.unassigned.drain(..).chain(collided).chain(awaiting).collect::<Vec<_>>();
+        for item in items {
+            if let InFlight::Reading { device, entry } = item {
+                back.push((device, entry));
+            }
+        }
+        // Newest first, so that pushing each to the front leaves the oldest in front.
+        back.sort_by_key(|(_, e)| std::cmp::Reverse(e.seq));
+        let n = back.len() as u64;
+        let last_device = back.last().map(|(d, _)| *d);
+        for (device, entry) in back {
+            let size = entry.payload.len();
+            q.len += 1;
+            q.bytes += size;
+            let lane = &mut q.lanes[device];
+            lane.stats.in_flight -= 1;
+            lane.stats.republished += 1;
+            lane.stats.queued += 1;
+            lane.stats.queued_bytes += size as u64;
+            lane.items.push_front(entry);
+        }
+        if let Some(d) = last_device {
+            q.enforce_bounds(d, self.max_len, self.max_bytes);
+        }
+        drop(q);
+        if n > 0 {
+            self.notify.notify_one();
+        }
+        n
+    }
+
+    /// Waits until something may have been queued since the last pop.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Nothing queued, nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        let q = self.lock();
+        q.len == 0 && q.control.is_empty() && q.unassigned.is_empty() && q.in_flight_count() == 0
+    }
+
+    /// Per-device accounting.
+    pub fn stats(&self) -> Vec<LaneStats> {
+        self.lock().lanes.iter().map(|l| l.stats).collect()
+    }
+
+    /// Total readings and payload bytes queued (not counting in flight).
+    pub fn depth(&self) -> (usize, usize) {
+        let q = self.lock();
+        (q.len, q.bytes)
+    }
+}
+
+impl Inner {
+    fn take_front(&mut self, device: usize) -> Option<Entry> {
+        let lane = &mut self.lanes[device];
+        let entry = lane.items.pop_front()?;
+        let size = entry.payload.len();
+        lane.stats.queued -= 1;
+        lane.stats.queued_bytes -= size as u64;
+        // A lane that once held a burst gives the memory back as it drains.
+        let cap = lane.items.capacity();
+        if cap > 64 && lane.items.len() < cap / 4 {
+            lane.items.shrink_to(cap / 2);
+        }
+        self.len -= 1;
+        self.bytes -= size;
+        Some(entry)
+    }
+
+    /// Evicts oldest readings until both bounds hold. Ties go to `pusher`, so a device
+    /// flooding alone evicts only itself.
+    fn enforce_bounds(&mut self, pusher: usize, max_len: usize, max_bytes: usize) -> u32 {
+        let mut evicted = 0;
+        while self.len > max_len || self.bytes > max_bytes {
+            let by_bytes = self.len <= max_len;
+            let weight = |l: &Lane| if by_bytes { l.stats.queued_bytes } else { l.stats.queued };
+            let mut victim = pusher;
+            for (i, l) in self.lanes.iter().enumerate() {
+                if weight(l) > weight(&self.lanes[victim]) {
+                    victim = i;
+                }
+            }
+            if self.take_front(victim).is_none() {
+                break;
+            }
+            self.lanes[victim].stats.dropped_oldest += 1;
+            evicted += 1;
+        }
+        evicted
+    }
+
+    fn delivered(&mut self, item: InFlight) {
+        if let InFlight::Reading { device, .. } = item {
+            let s = &mut self.lanes[device].stats;
+            s.in_flight -= 1;
+            s.delivered += 1;
+        }
+    }
+
+    fn in_flight_count(&self) -> usize {
+        self.awaiting_ack.iter().filter(|s| s.is_some()).count() + usize::from(self.collided.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(device: usize, n: u32) -> Bytes {
+        Bytes::from(format!("d{device}-{n}"))
+    }
+
+    fn reading_of(o: Outbound) -> Bytes {
+        match o {
+            Outbound::Reading { payload, .. } => payload,
+            Outbound::Control(c) => panic!("unexpected control {c:?}"),
+        }
+    }
+
+    /// Stalled sink, capacity 4, 10 pushes: 6 dropped oldest, 7..=10 remain in order.
+    #[test]
+    fn drops_oldest_with_exact_counts() {
+        let q = ReadingQueue::new(1, 4, 1 << 20, None, 10);
+        let evicted: u32 = (1..=10).map(|n| q.push(0, payload(0, n)).evicted).sum();
+        assert_eq!(evicted, 6);
+        let s = q.stats()[0];
+        assert_eq!((s.dropped_oldest, s.queued), (6, 4));
+        let got: Vec<Bytes> = std::iter::from_fn(|| q.pop_next()).map(reading_of).collect();
+        assert_eq!(got, (7..=10).map(|n| payload(0, n)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn flooding_device_evicts_its_own_readings_first() {
+        let q = ReadingQueue::new(2, 10, 1 << 20, None, 10);
+        for n in 0..3 {
+            q.push(1, payload(1, n));
+        }
+        for n in 0..100 {
+            q.push(0, payload(0, n));
+        }
+        let s = q.stats();
+        assert_eq!((s[0].dropped_oldest, s[0].queued), (93, 7));
+        assert_eq!((s[1].dropped_oldest, s[1].queued), (0, 3));
+        // The quiet device pushing into a full queue evicts from the flooder.
+        q.push(1, payload(1, 3));
+        let s = q.stats();
+        assert_eq!((s[0].dropped_oldest, s[1].dropped_oldest, s[1].queued), (94, 0, 4));
+    }
+
+    #[test]
+    fn byte_bound_evicts_the_heaviest_device() {
+        let q = ReadingQueue::new(2, 1000, 100, None, 10);
+        q.push(0, Bytes::from(vec![b'x'; 60]));
+        q.push(1, Bytes::from(vec![b'y'; 10]));
+        q.push(1, Bytes::from(vec![b'y'; 10]));
+        q.push(1, Bytes::from(vec![b'y'; 30]));
+        let s = q.stats();
+        assert_eq!((s[0].dropped_oldest, s[0].queued), (1, 0));
+        assert_eq!((s[1].dropped_oldest, s[1].queued_bytes), (0, 50));
+        assert_eq!(q.depth(), (3, 50));
+    }
+
+    #[test]
+    fn pops_oldest_across_devices_and_control_first() {
+        let q = ReadingQueue::new(2, 10, 1 << 20, None, 10);
+        q.push(1, payload(1, 0));
+        q.push(0, payload(0, 0));
+        q.push(1, payload(1, 1));
+        let c = Control { topic: "t".into(), payload: Bytes::from_static(b"a"), retain: true };
+        q.push_control(c.clone());
+        q.push_control(Control { topic: "u".into(), ..c.clone() });
+        q.push_control(Control { payload: Bytes::from_static(b"b"), ..c.clone() });
+        q.push_control_first(Control { topic: "first".into(), ..c });
+        let topics: Vec<(String, Bytes)> = std::iter::from_fn(|| match q.pop_next()? {
+            Outbound::Control(c) => Some((c.topic, c.payload)),
+            Outbound::Reading { .. } => None,
+        })
+        .collect();
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        assert_eq!(topics, [("first".into(), b("a")), ("u".into(), b("a")), ("t".into(), b("b"))]);
+        q.requeue_in_flight();
+        let order: Vec<Bytes> = std::iter::from_fn(|| q.pop_next()).map(reading_of).collect();
+        assert_eq!(order, [payload(1, 0), payload(0, 0), payload(1, 1)]);
+    }
+
+    #[test]
+    fn readings_leave_only_when_acknowledged_and_come_back_on_disconnect() {
+        let q = ReadingQueue::new(1, 10, 1 << 20, None, 10);
+        for n in 0..5 {
+            q.push(0, payload(0, n));
+        }
+        for _ in 0..3 {
+            q.pop_next().unwrap();
+        }
+        q.on_published(1);
+        q.on_published(2);
+        q.on_acked(1);
+        let s = q.stats()[0];
+        assert_eq!((s.delivered, s.in_flight, s.queued), (1, 2, 2));
+        assert!(!q.is_idle());
+        // Connection lost: packet 2 (sent) and the third (not yet written) come back in order.
+        assert_eq!(q.requeue_in_flight(), 2);
+        let s = q.stats()[0];
+        assert_eq!((s.delivered, s.in_flight, s.queued, s.republished), (1, 0, 4, 2));
+        let order: Vec<Bytes> = std::iter::from_fn(|| q.pop_next()).map(reading_of).collect();
+        assert_eq!(order, (1..5).map(|n| payload(0, n)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn qos0_is_delivered_when_written_and_collisions_resolve_in_order() {
+        let q = ReadingQueue::new(1, 10, 1 << 20, None, 10);
+        for n in 0..3 {
+            q.push(0, payload(0, n));
+            q.pop_next().unwrap();
+        }
+        q.on_published(0);
+        q.on_collision(5);
+        q.on_published(6);
+        q.on_published(5);
+        q.on_acked(6);
+        q.on_acked(5);
+        let s = q.stats()[0];
+        assert_eq!((s.delivered, s.in_flight), (3, 0));
+        assert!(q.is_idle());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_readings_are_counted_not_sent() {
+        let q = ReadingQueue::new(1, 10, 1 << 20, Some(Duration::from_secs(60)), 10);
+        q.push(0, payload(0, 0));
+        q.push(0, payload(0, 1));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        q.push(0, payload(0, 2));
+        assert_eq!(reading_of(q.pop_next().unwrap()), payload(0, 2));
+        let s = q.stats()[0];
+        assert_eq!((s.expired, s.in_flight, s.queued), (2, 1, 0));
+    }
+
+    #[test]
+    fn requeue_past_the_bound_counts_drops() {
+        let q = ReadingQueue::new(1, 3, 1 << 20, None, 10);
+        for n in 0..3 {
+            q.push(0, payload(0, n));
+        }
+        q.pop_next().unwrap();
+        q.pop_next().unwrap();
+        for n in 3..5 {
+            q.push(0, payload(0, n));
+        }
+        q.requeue_in_flight();
+        let s = q.stats()[0];
+        // 5 readings, room for 3: the two oldest (the requeued ones) go.
+        assert_eq!((s.queued, s.dropped_oldest, s.in_flight), (3, 2, 0));
+    }
+}
