@@ -53,7 +53,11 @@ pub fn readings_dropped(device: &str, counters: &DeviceCounters, evicted: u32, s
     // compare_exchange: one thread logs a given period, even with several pushing.
     if due && counters.last_drop_log_ms.compare_exchange(last, now_ms, Relaxed, Relaxed).is_ok() {
         counters.drops_since_log.fetch_sub(since_log, Relaxed);
-        tracing::error!(device, dropped = since_log, "Queue full: dropped the oldest readings (the broker is slow or away).");
+        tracing::error!(
+            device,
+            dropped = since_log,
+            "Queue full: dropped the oldest readings (the broker is slow or away)."
+        );
     }
 }
 

@@ -1,0 +1,259 @@
+//! Real parts for end-to-end tests: a mosquitto process on 127.0.0.1 and a free port, the
+//! real `sensorgate` binary, pseudo-terminals standing in for serial ports, and an MQTT
+//! subscriber that timestamps what the broker delivers.
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+// Sync helpers wait on processes, and the subscriber owns its own event loop: neither is the
+// gateway code these lints protect.
+#![allow(clippy::disallowed_methods)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use tokio::sync::mpsc;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn mosquitto_binary() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("mosquitto is not installed: run ./scripts/test.sh (it installs it) or apt-get install mosquitto");
+}
+
+/// A mosquitto broker on 127.0.0.1, killed on drop.
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Self { child: None, port: free_port(), dir };
+        m.restart();
+        m
+    }
+
+    /// Starts (again) on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n", self.port),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        let child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start listening on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The real binary, run with a config file; killed on drop if still running.
+pub struct Gateway {
+    child: Child,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(dir: &Path, config_toml: &str) -> Self {
+        let config = dir.join("sensorgate.toml");
+        std::fs::write(&config, config_toml).unwrap();
+        let log = dir.join("gateway.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start sensorgate");
+        Self { child, log, config }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "gateway did not exit within {timeout:?}; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- gateway log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// One message as the subscriber received it.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    /// When the subscriber received it, µs since the epoch.
+    pub received_us: u64,
+}
+
+impl Msg {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or_else(|e| {
+            panic!("{} is not JSON ({e}): {:?}", self.topic, String::from_utf8_lossy(&self.payload))
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+/// An MQTT subscriber; messages arrive on `rx` in broker order.
+pub struct Subscriber {
+    pub rx: mpsc::Receiver<Msg>,
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Connects and subscribes; returns once the broker acknowledged the subscription.
+    pub async fn connect(port: u16, filter: &str) -> Self {
+        let mut opts = MqttOptions::new(format!("test-sub-{}", free_port()), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 16);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let (tx, rx) = mpsc::channel(1_000_000);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let msg = Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                            received_us: now_us(),
+                        };
+                        if tx.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // The broker may be restarted by the test: keep trying.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx).await.expect("SUBACK in time").unwrap();
+        Self { rx, client, task }
+    }
+
+    /// The next message for which `pred` holds, skipping others (which are returned too).
+    pub async fn wait_for(&mut self, timeout: Duration, mut pred: impl FnMut(&Msg) -> bool) -> (Msg, Vec<Msg>) {
+        let mut skipped = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(m)) if pred(&m) => return (m, skipped),
+                Ok(Some(m)) => skipped.push(m),
+                Ok(None) => panic!("subscriber closed"),
+                Err(_) => panic!(
+                    "no matching message within {timeout:?}; last seen: {:?}",
+                    skipped.iter().rev().take(5).map(|m| (&m.topic, m.text())).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = &self.client;
+    }
+}
+
+/// Writes all of `bytes` to a pseudo-terminal master.
+pub async fn write_all(master: &mut tokio_serial::SerialStream, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    master.write_all(bytes).await.unwrap();
+    master.flush().await.unwrap();
+}
+
+/// A temp dir that outlives the test's early returns and is removed at the end.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
