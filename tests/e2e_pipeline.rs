@@ -210,7 +210,7 @@ async fn garbage_oversize_and_corrupt_frames_are_counted_by_reason_and_survived(
     bytes.extend_from_slice(&[5, 1, 0]); // COBS code pointing past the frame
     bytes.extend_from_slice(&[3, b'A', b'B', 0]); // valid COBS, too short for a reading
     bytes.extend_from_slice(&v2); // valid CRC, unknown version
-    bytes.extend_from_slice(&[1u8; 300]); // over max_frame (128)
+    bytes.extend_from_slice(&[1u8; 300]); // over max_frame (125 for cobs)
     bytes.push(0);
     bytes.extend_from_slice(&render(COBS, 3..4));
     write_all(&mut c.master, &bytes).await;

@@ -1,7 +1,8 @@
 //! Real parts for end-to-end tests: a mosquitto process on 127.0.0.1 and a free port, the
 //! real `sensorgate` binary, pseudo-terminals standing in for serial ports, and an MQTT
 //! subscriber that timestamps what the broker delivers.
-#![allow(dead_code)] // Each test binary uses a different part of the harness.
+#![allow(dead_code)]
+// Each test binary uses a different part of the harness.
 // Sync helpers wait on processes, and the subscriber owns its own event loop: neither is the
 // gateway code these lints protect.
 #![allow(clippy::disallowed_methods)]

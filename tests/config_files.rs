@@ -1,0 +1,37 @@
+//! The shipped example config parses, and the values it shows as defaults are the defaults.
+
+use sensorgate::config::Config;
+
+fn example() -> Config {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sensorgate.example.toml")).unwrap();
+    Config::from_toml(&text).unwrap_or_else(|p| panic!("example config is invalid: {p:?}"))
+}
+
+fn minimal() -> Config {
+    Config::from_toml(
+        "[gateway]\nid = \"greenhouse\"\n[[device]]\nname = \"climate\"\npath = \"/dev/x\"\nframing = \"lines\"\n",
+    )
+    .unwrap()
+}
+
+#[test]
+fn example_config_is_valid() {
+    let c = example();
+    assert_eq!(c.devices.len(), 3);
+    assert_eq!(c.devices[2].channels.len(), 3);
+}
+
+#[test]
+fn example_config_shows_the_real_defaults() {
+    let (e, m) = (example(), minimal());
+    // Debug output compares every field, so a default changed in code but not in the example fails.
+    assert_eq!(format!("{:?}", e.gateway), format!("{:?}", m.gateway));
+    assert_eq!(format!("{:?}", e.mqtt), format!("{:?}", m.mqtt));
+    assert_eq!(format!("{:?}", e.queue), format!("{:?}", m.queue));
+    let (ed, md) = (&e.devices[0], &m.devices[0]);
+    assert_eq!(
+        (ed.baud, ed.data_bits, ed.parity, ed.stop_bits, ed.flow_control, ed.idle_timeout, ed.open_timeout),
+        (md.baud, md.data_bits, md.parity, md.stop_bits, md.flow_control, md.idle_timeout, md.open_timeout)
+    );
+    assert_eq!((ed.format(), ed.max_frame()), (md.format(), md.max_frame()));
+}
