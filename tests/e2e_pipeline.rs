@@ -282,3 +282,40 @@ fn check_names_file_key_and_fix_and_exits_78() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulate_command_feeds_the_gateway_through_a_linked_pty() {
+    let dir = common::tempdir();
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/devices/+/readings").await;
+    let (kv, bin) = (dir.path().join("kv"), dir.path().join("bin"));
+    let sim = |link: &Path, framing: &str, format: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+            .args(["simulate", "--rate", "500", "--count", "50", "--start", "1000", "--framing", framing, "--format", format])
+            .arg("--link")
+            .arg(link)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut sims = [sim(&kv, "lines", "kv"), sim(&bin, "cobs", "json")];
+    // The simulator creates the links; the gateway retries opening until they exist.
+    let devices = device_toml("kv", &kv, LINES_KV, "") + &device_toml("bin", &bin, COBS, "");
+    let _gw = Gateway::start(dir.path(), &gateway_toml(broker.port, &devices));
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for _ in 0..100 {
+        let (m, _) = sub.wait_for(Duration::from_secs(20), |_| true).await;
+        let v = m.json();
+        let n = v.get("n").or_else(|| v.get("ch2")).and_then(Value::as_u64).unwrap();
+        seen.entry(v["_gw"]["device"].as_str().unwrap().to_string()).or_default().push(n);
+    }
+    for (device, ns) in &seen {
+        assert_eq!(ns, &(1000..1050).collect::<Vec<u64>>(), "{device}");
+    }
+    for s in &mut sims {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(s.id() as i32, libc::SIGTERM) };
+        assert!(s.wait().unwrap().success());
+    }
+    assert!(!kv.exists(), "the simulator removes its link when it stops");
+}
