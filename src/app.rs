@@ -3,6 +3,7 @@
 //! DISCONNECT. While waiting it says who is late.
 
 use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::device::{self, DecoderFactory, DeviceRuntime, PortOpener, SerialOpener, State, SupervisorContext};
+use crate::liveness::{Liveness, BEAT_EVERY};
 use crate::metrics::{self, MqttMetrics};
 use crate::mqtt::{self, MqttShared};
 use crate::queue::{Control, LaneStats, ReadingQueue};
@@ -90,20 +92,50 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
         .map(|(i, d)| Arc::new(DeviceRuntime::new(i, d.clone(), topics.device_state[i].clone())))
         .collect();
 
+    let live = Liveness::new(
+        [CONNECTION.to_string(), SINK.to_string()].into_iter().chain(devices.iter().map(|d| device_component(d))),
+    );
+
     let (client, eventloop) = mqtt::client(&config, &topics)?;
     let on_connect = {
         let devices = Arc::clone(&devices);
         Box::new(move || devices.iter().map(|d| d.state_message(&d.status())).collect::<Vec<Control>>())
     };
+    // Filled in below, once `shared` exists: the final metrics are read from it.
+    let final_metrics: Arc<std::sync::OnceLock<Box<dyn Fn() -> Control + Send + Sync>>> = Arc::default();
+    let on_drained = {
+        let f = Arc::clone(&final_metrics);
+        Box::new(move || f.get().map(|f| vec![f()]).unwrap_or_default())
+    };
     let qos = if config.mqtt.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-    let shared = Arc::new(MqttShared::new(Arc::clone(&queue), topics.clone(), qos, on_connect));
+    let shared = Arc::new(MqttShared::new(Arc::clone(&queue), topics.clone(), qos, on_connect, on_drained));
+    let snapshot = {
+        let (config, devices, shared) = (config.clone(), Arc::clone(&devices), Arc::downgrade(&shared));
+        move || -> Control {
+            let shared = shared.upgrade().expect("the sink holds the shared state while it drains");
+            metrics_message(&config, &devices, &shared, started)
+        }
+    };
+    let _ = final_metrics.set(Box::new(snapshot));
 
     let hard_stop = CancellationToken::new();
     let draining = CancellationToken::new();
     let devices_stop = CancellationToken::new();
     let backoff = Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max, hooks.jitter);
-    let mut conn = tokio::spawn(mqtt::run_connection(eventloop, Arc::clone(&shared), backoff, hard_stop.clone()));
-    let mut sink = tokio::spawn(mqtt::run_sink(client, Arc::clone(&shared), draining.clone(), hard_stop.clone()));
+    let mut conn = tokio::spawn(mqtt::run_connection(
+        eventloop,
+        Arc::clone(&shared),
+        backoff,
+        live.beat_for(CONNECTION),
+        hard_stop.clone(),
+    ));
+    let mut sink = tokio::spawn(mqtt::run_sink(
+        client,
+        Arc::clone(&shared),
+        live.beat_for(SINK),
+        draining.clone(),
+        hard_stop.clone(),
+    ));
     let metrics_task = tokio::spawn(metrics_loop(
         config.clone(),
         Arc::clone(&devices),
@@ -111,6 +143,8 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
         started,
         draining.clone(),
     ));
+    let notify_task =
+        tokio::spawn(notify_loop(Arc::clone(&live), Arc::clone(&devices), Arc::clone(&shared), draining.clone()));
 
     let ctx_for = |dev: &Arc<DeviceRuntime>| SupervisorContext {
         dev: Arc::clone(dev),
@@ -121,6 +155,7 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
         restart_min: RESTART_MIN,
         restart_max: RESTART_MAX,
         jitter: hooks.jitter,
+        beat: live.beat_for(&device_component(dev)),
     };
     let mut supervisors = JoinSet::new();
     let mut task_device = std::collections::HashMap::new();
@@ -129,6 +164,8 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
         task_device.insert(h.id(), dev.index);
     }
     tracing::info!(devices = devices.len(), gateway = %config.gateway.id, "Gateway running.");
+    // Config is valid and every task is running.
+    notify(&[sd_notify::NotifyState::Ready]);
 
     tokio::pin!(shutdown);
     loop {
@@ -156,6 +193,7 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
     // Phase 1: stop reading. Supervisors end their sessions; decode threads finish the bytes
     // already read, so every frame read is counted somewhere.
     let deadline = Instant::now() + config.gateway.shutdown_timeout;
+    notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(timeout_ms = config.gateway.shutdown_timeout.as_millis() as u64, "Shutting down: stopping devices.");
     devices_stop.cancel();
     let devices_done = wait_with_progress(async { while supervisors.join_next().await.is_some() {} }, deadline, || {
@@ -189,17 +227,30 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
         let _ = conn.await;
     }
     let _ = metrics_task.await;
+    let _ = notify_task.await;
 
     let report = Report { devices: devices.iter().map(|d| d.name().to_string()).zip(queue.stats()).collect() };
-    let lost = report.lost();
-    if lost > 0 {
-        for (name, s) in &report.devices {
-            if s.queued + s.in_flight > 0 {
-                tracing::error!(device = %name, lost = s.queued + s.in_flight, "Shutdown deadline passed: readings not delivered.");
-            }
+    for ((name, s), dev) in report.devices.iter().zip(devices.iter()) {
+        let lost = s.queued + s.in_flight;
+        let c = &dev.counters;
+        let fields =
+            (c.frames_in.load(Relaxed), c.rejected_total(), s.readings, s.delivered, s.dropped_oldest, s.expired);
+        if lost > 0 {
+            tracing::error!(device = %name, lost, "Shutdown deadline passed: readings not delivered.");
         }
+        tracing::info!(
+            device = %name,
+            frames_in = fields.0,
+            rejected = fields.1,
+            readings = fields.2,
+            delivered = fields.3,
+            dropped_oldest = fields.4,
+            expired = fields.5,
+            lost,
+            "Final accounting."
+        );
     }
-    tracing::info!(lost, "Gateway stopped.");
+    tracing::info!(lost = report.lost(), "Gateway stopped.");
     Ok(report)
 }
 
@@ -229,7 +280,8 @@ async fn wait_with_progress<F: Future>(fut: F, deadline: Instant, who: impl Fn()
     }
 }
 
-/// Publishes metrics every `metrics_interval`, and once more when draining starts.
+/// Publishes metrics every `metrics_interval` until draining starts (the sink then sends a
+/// final snapshot once the queue is drained).
 async fn metrics_loop(
     config: Config,
     devices: Arc<[Arc<DeviceRuntime>]>,
@@ -240,29 +292,90 @@ async fn metrics_loop(
     let mut tick = tokio::time::interval(config.gateway.metrics_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let last = tokio::select! {
+        tokio::select! {
             biased;
-            _ = draining.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        let m = metrics::snapshot(
-            started.elapsed().as_secs(),
-            &devices,
-            &shared.queue,
-            &config.queue,
-            MqttMetrics {
-                connected: shared.is_connected(),
-                reconnects: shared.reconnects.load(std::sync::atomic::Ordering::Relaxed),
-            },
-        );
-        let payload = serde_json::to_vec(&m).expect("metrics serialise");
-        shared.queue.push_control(Control {
-            topic: shared.topics.metrics.clone(),
-            payload: payload.into(),
-            retain: false,
-        });
-        if last {
-            return;
+            _ = draining.cancelled() => return,
+            _ = tick.tick() => shared.queue.push_control(metrics_message(&config, &devices, &shared, started)),
+        }
+    }
+}
+
+fn metrics_message(config: &Config, devices: &[Arc<DeviceRuntime>], shared: &MqttShared, started: Instant) -> Control {
+    let m = metrics::snapshot(
+        started.elapsed().as_secs(),
+        devices,
+        &shared.queue,
+        &config.queue,
+        MqttMetrics {
+            connected: shared.is_connected(),
+            reconnects: shared.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        },
+    );
+    let payload = serde_json::to_vec(&m).expect("metrics serialise");
+    Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false }
+}
+
+const CONNECTION: &str = "mqtt-connection";
+const SINK: &str = "mqtt-sink";
+
+fn device_component(dev: &DeviceRuntime) -> String {
+    format!("device:{}", dev.name())
+}
+
+/// Tells systemd (when it started us with `NOTIFY_SOCKET`); a no-op otherwise.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "Cannot notify systemd.");
+    }
+}
+
+/// `STATUS=` for systemd, and `WATCHDOG=1` only while every task reports in (see
+/// [`crate::liveness`]): a wedged pipeline gets restarted by systemd, a broker outage does not
+/// (the connection task keeps reporting in while it backs off).
+async fn notify_loop(
+    live: Arc<Liveness>,
+    devices: Arc<[Arc<DeviceRuntime>]>,
+    shared: Arc<MqttShared>,
+    draining: CancellationToken,
+) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let watchdog = sd_notify::watchdog_enabled();
+    // Ping four times per watchdog period; a task may miss beats for half of it (but at least
+    // three beats) before the pings stop.
+    let period = watchdog.map_or(Duration::from_secs(10), |w| (w / 4).max(Duration::from_millis(100)));
+    let limit = watchdog.map_or(Duration::MAX, |w| (w / 2).max(3 * BEAT_EVERY));
+    let mut tick = tokio::time::interval(period);
+    let mut was_stale = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = draining.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let up = devices.iter().filter(|d| d.status().state == State::Up).count();
+        let (queued, _) = shared.queue.depth();
+        let broker = if shared.is_connected() { "connected" } else { "disconnected" };
+        let mut status = format!("{up}/{} devices up, {queued} readings queued, broker {broker}", devices.len());
+        let stale = live.stale(limit);
+        if stale.is_empty() {
+            if was_stale {
+                tracing::info!("Every task reports in again; feeding the watchdog.");
+            }
+            was_stale = false;
+            let mut states = vec![sd_notify::NotifyState::Status(&status)];
+            if watchdog.is_some() {
+                states.push(sd_notify::NotifyState::Watchdog);
+            }
+            notify(&states);
+        } else {
+            if !was_stale {
+                tracing::error!(stalled = %stale.join(", "), "Tasks stopped reporting in; not feeding the watchdog.");
+            }
+            was_stale = true;
+            status += &format!("; not reporting: {}", stale.join(", "));
+            notify(&[sd_notify::NotifyState::Status(&status)]);
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod config;
 pub mod decode;
 pub mod device;
 pub mod framing;
+pub mod liveness;
 pub mod metrics;
 pub mod mqtt;
 pub mod queue;

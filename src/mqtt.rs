@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::liveness::{self, Beat};
 use crate::queue::{Control, Outbound, ReadingQueue};
 use crate::topics::Topics;
 
@@ -37,6 +38,8 @@ pub struct MqttShared {
     connected: watch::Sender<bool>,
     /// Retained gateway and device state to send on every (re)connect.
     on_connect: Box<dyn Fn() -> Vec<Control> + Send + Sync>,
+    /// The last messages before `offline` at shutdown (the final metrics).
+    on_drained: Box<dyn Fn() -> Vec<Control> + Send + Sync>,
     pub reconnects: AtomicU64,
     ever_connected: AtomicBool,
 }
@@ -47,6 +50,7 @@ impl MqttShared {
         topics: Topics,
         qos: QoS,
         on_connect: Box<dyn Fn() -> Vec<Control> + Send + Sync>,
+        on_drained: Box<dyn Fn() -> Vec<Control> + Send + Sync>,
     ) -> Self {
         Self {
             queue,
@@ -55,6 +59,7 @@ impl MqttShared {
             gate: Mutex::new(()),
             connected: watch::Sender::new(false),
             on_connect,
+            on_drained,
             reconnects: AtomicU64::new(0),
             ever_connected: AtomicBool::new(false),
         }
@@ -104,14 +109,16 @@ pub async fn run_connection(
     mut eventloop: EventLoop,
     shared: Arc<MqttShared>,
     mut backoff: Backoff,
+    beat: Beat,
     hard_stop: CancellationToken,
 ) {
     let mut failures: u64 = 0;
+    let mut tick = liveness::ticker();
     loop {
         let event = tokio::select! {
             biased;
             _ = hard_stop.cancelled() => return,
-            ev = eventloop.poll() => ev,
+            ev = liveness::beating(&beat, &mut tick, eventloop.poll()) => ev,
         };
         match event {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
@@ -148,7 +155,7 @@ pub async fn run_connection(
                 tokio::select! {
                     biased;
                     _ = hard_stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                    _ = liveness::beating(&beat, &mut tick, tokio::time::sleep(delay)) => {}
                 }
             }
         }
@@ -186,25 +193,28 @@ fn log_connection_error(e: &ConnectionError, was_connected: bool, failures: u64,
 }
 
 /// Publishes from the queue while connected. After `draining` fires it keeps going until the
-/// queue and the ledger are empty, then publishes `offline`, waits for its acknowledgement
-/// and disconnects.
+/// queue and the ledger are empty, then publishes the final messages and `offline`, waits for
+/// their acknowledgement and disconnects.
 pub async fn run_sink(
     client: AsyncClient,
     shared: Arc<MqttShared>,
+    beat: Beat,
     draining: CancellationToken,
     hard_stop: CancellationToken,
 ) {
     let mut connected = shared.connected.subscribe();
+    let mut tick = liveness::ticker();
     let mut offline_sent = false;
     loop {
         if hard_stop.is_cancelled() {
             return;
         }
+        beat.beat();
         if !*connected.borrow_and_update() {
             tokio::select! {
                 biased;
                 _ = hard_stop.cancelled() => return,
-                _ = connected.changed() => {}
+                _ = liveness::beating(&beat, &mut tick, connected.changed()) => {}
             }
             continue;
         }
@@ -218,7 +228,8 @@ pub async fn run_sink(
                 Outbound::Control(c) => (c.topic, c.payload, c.retain),
             };
             // Waits only while rumqttc's tiny channel is full; a connection error empties it.
-            if let Err(e) = client.publish_bytes(topic, shared.qos, retain, payload).await {
+            let publish = client.publish_bytes(topic, shared.qos, retain, payload);
+            if let Err(e) = liveness::beating(&beat, &mut tick, publish).await {
                 tracing::error!(error = %e, "The MQTT event loop is gone.");
                 return;
             }
@@ -231,6 +242,9 @@ pub async fn run_sink(
                 let _ = client.disconnect().await;
                 return;
             }
+            for c in (shared.on_drained)() {
+                shared.queue.push_control(c);
+            }
             shared.queue.push_control(shared.availability(false));
             offline_sent = true;
             continue;
@@ -238,6 +252,7 @@ pub async fn run_sink(
         tokio::select! {
             biased;
             _ = hard_stop.cancelled() => return,
+            _ = tick.tick() => {}
             _ = shared.queue.notified() => {}
             _ = connected.changed() => {}
             _ = draining.cancelled(), if !draining.is_cancelled() => {}

@@ -45,6 +45,9 @@ pub enum Reject {
     /// CRC fine, body not a valid reading.
     #[error("malformed binary payload")]
     BadPayload,
+    /// The session ended (unplug, error, shutdown) in the middle of this frame.
+    #[error("frame cut off by the end of the session")]
+    Truncated,
     /// The decoder panicked on this frame; the session was restarted.
     #[error("decoder panicked")]
     DecoderPanic,
@@ -52,7 +55,7 @@ pub enum Reject {
 
 impl Reject {
     /// Every reason, in metric order.
-    pub const ALL: [Reject; 15] = [
+    pub const ALL: [Reject; 16] = [
         Reject::Oversize,
         Reject::BadCobs,
         Reject::BadUtf8,
@@ -67,6 +70,7 @@ impl Reject {
         Reject::BadCrc,
         Reject::BadVersion,
         Reject::BadPayload,
+        Reject::Truncated,
         Reject::DecoderPanic,
     ];
     pub const COUNT: usize = Self::ALL.len();
@@ -88,6 +92,7 @@ impl Reject {
             Reject::BadCrc => "bad_crc",
             Reject::BadVersion => "bad_version",
             Reject::BadPayload => "bad_payload",
+            Reject::Truncated => "truncated",
             Reject::DecoderPanic => "decoder_panic",
         }
     }

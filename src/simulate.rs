@@ -98,7 +98,8 @@ pub async fn run<W: AsyncWrite + Unpin>(
 pub struct PtyLink {
     pub master: tokio_serial::SerialStream,
     /// Kept open so the terminal's settings and buffered bytes survive the gateway reopening.
-    _slave: tokio_serial::SerialStream,
+    /// Reading from it takes bytes the gateway has not read (tests use this after it exits).
+    pub slave: tokio_serial::SerialStream,
     pub link: PathBuf,
 }
 
@@ -110,14 +111,29 @@ impl PtyLink {
     pub fn create(link: &Path) -> io::Result<Self> {
         use tokio_serial::SerialPort;
         let (master, slave) = tokio_serial::SerialStream::pair().map_err(io::Error::from)?;
+        // posix_openpt() leaves the descriptors inheritable: a child process (a gateway started
+        // by a test) would hold the terminal open and an unplug would never be seen.
+        set_cloexec(&master)?;
+        set_cloexec(&slave)?;
         let name = slave.name().ok_or_else(|| io::Error::other("pseudo-terminal has no name"))?;
         match std::fs::remove_file(link) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
         std::os::unix::fs::symlink(&name, link)?;
-        Ok(Self { master, _slave: slave, link: link.to_owned() })
+        Ok(Self { master, slave, link: link.to_owned() })
     }
+}
+
+fn set_cloexec(fd: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for PtyLink {

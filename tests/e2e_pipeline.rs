@@ -291,7 +291,19 @@ async fn the_simulate_command_feeds_the_gateway_through_a_linked_pty() {
     let (kv, bin) = (dir.path().join("kv"), dir.path().join("bin"));
     let sim = |link: &Path, framing: &str, format: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-            .args(["simulate", "--rate", "500", "--count", "50", "--start", "1000", "--framing", framing, "--format", format])
+            .args([
+                "simulate",
+                "--rate",
+                "500",
+                "--count",
+                "50",
+                "--start",
+                "1000",
+                "--framing",
+                framing,
+                "--format",
+                format,
+            ])
             .arg("--link")
             .arg(link)
             .stderr(std::process::Stdio::null())

@@ -35,10 +35,12 @@ pub enum State {
     Opening,
     /// Port open, reading.
     Up,
-    /// No bytes for `idle_timeout`; the port is being reopened.
+    /// No bytes for `idle_timeout`; the port was reopened and is waiting for data.
     Stale,
-    /// Waiting before the next attempt.
+    /// The session ended (EOF, I/O error, decoder panic); waiting before reopening.
     Backoff,
+    /// The port cannot be opened (missing, busy, timed out); retrying with backoff.
+    Failed,
     /// Stopped for good (shutdown).
     Stopped,
 }

@@ -9,10 +9,12 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::worker::{panic_message, Chunk, Worker};
-use super::{SerialPort, SupervisorContext};
+use super::{SerialPort, State, SupervisorContext};
+use crate::liveness;
 use crate::telemetry::now_us;
 
 /// Read buffer growth step. Chunks are split off it, so one allocation serves many reads.
@@ -37,8 +39,14 @@ pub enum SessionEnd {
     DecoderPanic(String),
 }
 
-/// Runs one session on an open port.
-pub async fn run(mut port: SerialPort, ctx: &SupervisorContext, dev_cancel: &CancellationToken) -> SessionEnd {
+/// Runs one session on an open port. With `up_on_data` (a reopen after silence) the device is
+/// reported `up` only once bytes arrive again; until then it stays `stale`.
+pub async fn run(
+    mut port: SerialPort,
+    ctx: &SupervisorContext,
+    dev_cancel: &CancellationToken,
+    mut up_on_data: bool,
+) -> SessionEnd {
     let dev = &ctx.dev;
     let (tx, rx) = mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
     let (panic_tx, mut panic_rx) = oneshot::channel();
@@ -58,6 +66,8 @@ pub async fn run(mut port: SerialPort, ctx: &SupervisorContext, dev_cancel: &Can
     };
 
     let idle = dev.config.idle_timeout;
+    let mut idle_deadline = Instant::now() + idle;
+    let mut tick = liveness::ticker();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut end = loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
@@ -67,7 +77,7 @@ pub async fn run(mut port: SerialPort, ctx: &SupervisorContext, dev_cancel: &Can
             biased;
             _ = dev_cancel.cancelled() => break SessionEnd::Cancelled,
             msg = &mut panic_rx => break SessionEnd::DecoderPanic(msg.unwrap_or_else(|_| "decode thread ended".into())),
-            r = tokio::time::timeout(idle, port.read_buf(&mut buf)) => r,
+            r = liveness::beating(&ctx.beat, &mut tick, tokio::time::timeout_at(idle_deadline, port.read_buf(&mut buf))) => r,
         };
         match read {
             Err(_) => break SessionEnd::Idle(idle),
@@ -75,9 +85,15 @@ pub async fn run(mut port: SerialPort, ctx: &SupervisorContext, dev_cancel: &Can
             Ok(Ok(0)) => break SessionEnd::Eof,
             Ok(Err(e)) => break SessionEnd::Io(e),
             Ok(Ok(n)) => {
+                idle_deadline = Instant::now() + idle;
                 dev.counters.bytes_in.fetch_add(n as u64, Relaxed);
+                if std::mem::take(&mut up_on_data) {
+                    dev.set_state(&ctx.queue, State::Up, None);
+                }
                 // Bytes already read are decoded even if shutdown starts now: not racing
-                // cancellation here keeps them from being lost unaccounted.
+                // cancellation here keeps them from being lost unaccounted. No beat while
+                // waiting: a decode thread that stops taking bytes is a stuck pipeline, and the
+                // watchdog is meant to see it.
                 if tx.send((buf.split().freeze(), now_us())).await.is_err() {
                     break SessionEnd::DecoderPanic("decode thread ended".into());
                 }

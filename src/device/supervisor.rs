@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::session::{self, SessionEnd};
 use super::{DecoderFactory, DeviceRuntime, PortOpener, State};
 use crate::backoff::Backoff;
+use crate::liveness::{self, Beat};
 use crate::queue::ReadingQueue;
 use crate::telemetry;
 
@@ -27,24 +28,37 @@ pub struct SupervisorContext {
     pub restart_min: Duration,
     pub restart_max: Duration,
     pub jitter: bool,
+    /// Reports this device's supervisor and session to the watchdog.
+    pub beat: Beat,
 }
 
 /// Runs until `cancel`; returns once the session and its decode thread have finished.
+///
+/// States: `opening` → `up` → (session ends) `backoff` → `opening` …; a port that cannot be
+/// opened is `failed` until the next attempt; a silent device is `stale` from the idle timeout
+/// until bytes arrive again (its port is reopened at once: silence is no reason to wait).
 pub async fn supervise(ctx: SupervisorContext, cancel: CancellationToken) {
     let dev = &ctx.dev;
     let mut backoff = Backoff::new(ctx.restart_min, ctx.restart_max, ctx.jitter);
+    let mut tick = liveness::ticker();
+    let mut stale = false;
     loop {
-        dev.set_state(&ctx.queue, State::Opening, None);
+        if !stale {
+            dev.set_state(&ctx.queue, State::Opening, None);
+        }
+        let open = tokio::time::timeout(dev.config.open_timeout, ctx.opener.open(&dev.config));
         let opened = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            r = tokio::time::timeout(dev.config.open_timeout, ctx.opener.open(&dev.config)) => r,
+            r = liveness::beating(&ctx.beat, &mut tick, open) => r,
         };
         let (error, state) = match opened {
             Ok(Ok(port)) => {
-                dev.set_state(&ctx.queue, State::Up, None);
+                if !stale {
+                    dev.set_state(&ctx.queue, State::Up, None);
+                }
                 let began = Instant::now();
-                let end = session::run(port, &ctx, &cancel).await;
+                let end = session::run(port, &ctx, &cancel, stale).await;
                 if began.elapsed() >= HEALTHY_AFTER {
                     backoff.reset();
                 }
@@ -54,19 +68,18 @@ pub async fn supervise(ctx: SupervisorContext, cancel: CancellationToken) {
                     other => (other.to_string(), State::Backoff),
                 }
             }
-            Ok(Err(e)) => (format!("cannot open {}: {e}", dev.config.path.display()), State::Backoff),
-            Err(_) => (format!("opening {} timed out", dev.config.path.display()), State::Backoff),
+            Ok(Err(e)) => (format!("cannot open {}: {e}", dev.config.path.display()), State::Failed),
+            Err(_) => (format!("opening {} timed out", dev.config.path.display()), State::Failed),
         };
-        let delay = backoff.next_delay();
+        stale = state == State::Stale;
+        let delay = if stale { Duration::ZERO } else { backoff.next_delay() };
         telemetry::device_restarting(dev.name(), &dev.counters, &error, delay);
-        if state == State::Stale {
-            dev.set_state(&ctx.queue, State::Stale, Some(error.clone()));
-        }
-        dev.set_state(&ctx.queue, State::Backoff, Some(error));
+        dev.set_state(&ctx.queue, state, Some(error));
+        let wait = tokio::time::sleep(delay);
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(delay) => {}
+            _ = liveness::beating(&ctx.beat, &mut tick, wait) => {}
         }
     }
     dev.set_state(&ctx.queue, State::Stopped, None);

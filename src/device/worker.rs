@@ -81,6 +81,11 @@ impl Worker {
                 }
             });
         }
+        // The session is over; a frame begun on this port will never be finished.
+        if framer.has_partial() {
+            counters.frames_in.fetch_add(1, Relaxed);
+            telemetry::frame_rejected(name, counters, Reject::Truncated);
+        }
     }
 }
 

@@ -17,6 +17,11 @@ impl CobsFramer {
         Self { split: Splitter::new(0, max), scratch: vec![0; max] }
     }
 
+    /// Part of a frame is held.
+    pub fn has_partial(&self) -> bool {
+        self.split.has_partial()
+    }
+
     pub fn push(&mut self, chunk: &[u8], mut on_frame: impl FnMut(Result<&[u8], Reject>)) {
         let scratch = &mut self.scratch;
         self.split.push(chunk, |frame| match frame {

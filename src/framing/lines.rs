@@ -17,6 +17,11 @@ impl LinesFramer {
         Self { split: Splitter::new(b'\n', max + 1), max }
     }
 
+    /// Part of a frame is held.
+    pub fn has_partial(&self) -> bool {
+        self.split.has_partial()
+    }
+
     pub fn push(&mut self, chunk: &[u8], mut on_frame: impl FnMut(Result<&[u8], Reject>)) {
         let max = self.max;
         self.split.push(chunk, |frame| match frame {

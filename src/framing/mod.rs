@@ -29,6 +29,14 @@ impl Framer {
         }
     }
 
+    /// True while part of a frame is held (the session ending now would cut it off).
+    pub fn has_partial(&self) -> bool {
+        match self {
+            Framer::Lines(f) => f.has_partial(),
+            Framer::Cobs(f) => f.has_partial(),
+        }
+    }
+
     /// Feeds a chunk; calls `on_frame` for every complete frame or rejected one, in order.
     /// A partial frame at the end is kept for the next chunk.
     pub fn push(&mut self, chunk: &[u8], on_frame: impl FnMut(Result<&[u8], Reject>)) {
@@ -93,10 +101,15 @@ impl Splitter {
         }
     }
 
-    /// Bytes held for an unfinished frame (for tests and metrics).
+    /// Bytes held for an unfinished frame.
     #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Inside a frame: bytes held, or an oversize frame still being discarded (already counted).
+    pub(crate) fn has_partial(&self) -> bool {
+        !self.buf.is_empty()
     }
 }
 

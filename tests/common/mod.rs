@@ -34,12 +34,19 @@ pub struct Mosquitto {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    persistent: bool,
 }
 
 impl Mosquitto {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// With `persistent`, sessions and queued messages survive a graceful stop
+    /// ([`stop_gracefully`](Self::stop_gracefully)): a persistent subscriber misses nothing.
+    pub fn start_with(persistent: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = Self { child: None, port: free_port(), dir };
+        let mut m = Self { child: None, port: free_port(), dir, persistent };
         m.restart();
         m
     }
@@ -48,9 +55,17 @@ impl Mosquitto {
     pub fn restart(&mut self) {
         self.stop();
         let conf = self.dir.path().join("mosquitto.conf");
+        let persistence = if self.persistent {
+            format!("persistence true\npersistence_location {}/\nautosave_interval 0\n", self.dir.path().display())
+        } else {
+            "persistence false\n".to_string()
+        };
         std::fs::write(
             &conf,
-            format!("listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n", self.port),
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 1000000\nset_tcp_nodelay true\n",
+                self.port
+            ),
         )
         .unwrap();
         let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
@@ -69,9 +84,19 @@ impl Mosquitto {
         }
     }
 
+    /// SIGKILL: the broker vanishes.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: the broker saves its state (when persistent) and exits.
+    pub fn stop_gracefully(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let _ = c.wait();
         }
     }
@@ -92,11 +117,17 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(dir: &Path, config_toml: &str) -> Self {
+        Self::start_with_args(dir, config_toml, &[])
+    }
+
+    /// With extra command-line arguments (e.g. `--log-format json`).
+    pub fn start_with_args(dir: &Path, config_toml: &str, args: &[&str]) -> Self {
         let config = dir.join("sensorgate.toml");
         std::fs::write(&config, config_toml).unwrap();
         let log = dir.join("gateway.log");
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+            .args(args)
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -133,6 +164,33 @@ impl Gateway {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The `fields` of every JSON log record whose message is `message` (needs `--log-format json`).
+    pub fn log_records(&self, message: &str) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == message)
+            .map(|v| v["fields"].clone())
+            .collect()
+    }
+}
+
+/// utime + stime of a process, in seconds (from /proc).
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// A `VmRSS`/`VmHWM`-style line of /proc/<pid>/status, in MiB.
+pub fn memory_mib(pid: i32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
+    line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
 }
 
 impl Drop for Gateway {
@@ -183,8 +241,18 @@ pub struct Subscriber {
 impl Subscriber {
     /// Connects and subscribes; returns once the broker acknowledged the subscription.
     pub async fn connect(port: u16, filter: &str) -> Self {
-        let mut opts = MqttOptions::new(format!("test-sub-{}", free_port()), "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        Self::connect_with(port, filter, None).await
+    }
+
+    /// With `persistent_id`, a persistent session under that client id: after a broker restart
+    /// (with persistence) the broker delivers what it queued meanwhile.
+    pub async fn connect_with(port: u16, filter: &str, persistent_id: Option<&str>) -> Self {
+        let id = persistent_id.map_or_else(|| format!("test-sub-{}", free_port()), str::to_string);
+        let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_clean_session(persistent_id.is_none())
+            .set_inflight(1000);
         let (client, mut eventloop) = AsyncClient::new(opts, 16);
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
@@ -192,10 +260,18 @@ impl Subscriber {
         client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
         let (tx, rx) = mpsc::channel(1_000_000);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (resub, filter) = (client.clone(), filter.to_string());
         let task = tokio::spawn(async move {
             let mut ready = Some(ready_tx);
+            let mut first = true;
             loop {
                 match eventloop.poll().await {
+                    // After a broker restart without our session, subscribe again.
+                    Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                        if !std::mem::take(&mut first) && !ack.session_present {
+                            let _ = resub.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                        }
+                    }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
                         if let Some(r) = ready.take() {
                             let _ = r.send(());
