@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Gateway, Mosquitto, Subscriber};
+use common::{cpu_seconds, memory_mib, Gateway, Mosquitto, Subscriber};
 use sensorgate::config::{Format, Framing};
 use sensorgate::simulate::{PtyLink, SimSpec};
 use tokio::io::AsyncWriteExt;
@@ -45,24 +45,6 @@ fn scenarios() -> Vec<Scenario> {
         s(16, JSON, 1, 1000, 10_000),
         s(16, COBS, 0, 1000, 10_000),
     ]
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-/// Peak resident set size in MiB.
-fn peak_rss_mib(pid: i32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 =
-        status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib / 1024.0
 }
 
 async fn run(sc: Scenario) {
@@ -138,7 +120,7 @@ async fn run(sc: Scenario) {
     // Up to the last delivery: the idle timeout that ends a lossy run is not throughput.
     let elapsed = (last - started).as_secs_f64();
     let cpu = cpu_seconds(gw.pid()) - cpu0;
-    let rss = peak_rss_mib(gw.pid());
+    let rss = memory_mib(gw.pid(), "VmHWM:");
     for w in writers {
         drop(w.await.unwrap());
     }

@@ -13,8 +13,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::commands::{self, CommandContext};
 use crate::config::Config;
 use crate::device::{self, DecoderFactory, DeviceRuntime, PortOpener, SerialOpener, State, SupervisorContext};
+use crate::homeassistant::Discovery;
 use crate::liveness::{Liveness, BEAT_EVERY};
 use crate::metrics::{self, MqttMetrics};
 use crate::mqtt::{self, MqttShared};
@@ -97,9 +99,14 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
     );
 
     let (client, eventloop) = mqtt::client(&config, &topics)?;
+    let discovery = config.homeassistant.enabled.then(|| Discovery::new(&config, &topics));
     let on_connect = {
         let devices = Arc::clone(&devices);
-        Box::new(move || devices.iter().map(|d| d.state_message(&d.status())).collect::<Vec<Control>>())
+        let discovery = discovery.clone();
+        Box::new(move || {
+            let states = devices.iter().map(|d| d.state_message(&d.status()));
+            states.chain(discovery.iter().flat_map(Discovery::messages)).collect::<Vec<Control>>()
+        })
     };
     // Filled in below, once `shared` exists: the final metrics are read from it.
     let final_metrics: Arc<std::sync::OnceLock<Box<dyn Fn() -> Control + Send + Sync>>> = Arc::default();
@@ -108,7 +115,18 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
         Box::new(move || f.get().map(|f| vec![f()]).unwrap_or_default())
     };
     let qos = if config.mqtt.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-    let shared = Arc::new(MqttShared::new(Arc::clone(&queue), topics.clone(), qos, on_connect, on_drained));
+    let mut filters = Vec::new();
+    if let Some(d) = &discovery {
+        filters.push(d.status_topic.clone());
+    }
+    if config.commands.enabled {
+        filters.push(topics.cmd_filter());
+    }
+    let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(INCOMING);
+    let shared = Arc::new(
+        MqttShared::new(Arc::clone(&queue), topics.clone(), qos, on_connect, on_drained)
+            .with_subscriptions(filters, incoming_tx),
+    );
     let snapshot = {
         let (config, devices, shared) = (config.clone(), Arc::clone(&devices), Arc::downgrade(&shared));
         move || -> Control {
@@ -141,6 +159,25 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
         Arc::clone(&devices),
         Arc::clone(&shared),
         started,
+        draining.clone(),
+    ));
+    let command_task = tokio::spawn(commands::run(
+        CommandContext {
+            queue: Arc::clone(&queue),
+            topics: topics.clone(),
+            devices: Arc::clone(&devices),
+            discovery,
+            commands_enabled: config.commands.enabled,
+            config: commands::redacted(config.source.as_ref()),
+            metrics: {
+                let (config, devices, shared) = (config.clone(), Arc::clone(&devices), Arc::downgrade(&shared));
+                Box::new(move || {
+                    let shared = shared.upgrade().expect("commands run while the MQTT side lives");
+                    metrics_message(&config, &devices, &shared, started)
+                })
+            },
+        },
+        incoming_rx,
         draining.clone(),
     ));
     let notify_task =
@@ -228,6 +265,7 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks:
     }
     let _ = metrics_task.await;
     let _ = notify_task.await;
+    let _ = command_task.await;
 
     let report = Report { devices: devices.iter().map(|d| d.name().to_string()).zip(queue.stats()).collect() };
     for ((name, s), dev) in report.devices.iter().zip(devices.iter()) {
@@ -308,12 +346,18 @@ fn metrics_message(config: &Config, devices: &[Arc<DeviceRuntime>], shared: &Mqt
         &config.queue,
         MqttMetrics {
             connected: shared.is_connected(),
-            reconnects: shared.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+            reconnects: shared.reconnects.load(Relaxed),
+            kicked_after_connect: shared.kicked_in_a_row.load(Relaxed),
+            client_id_conflict: shared.client_id_conflict.load(Relaxed),
+            incoming_dropped: shared.incoming_dropped.load(Relaxed),
         },
     );
     let payload = serde_json::to_vec(&m).expect("metrics serialise");
     Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false }
 }
+
+/// Incoming messages waiting for the command task.
+const INCOMING: usize = 32;
 
 const CONNECTION: &str = "mqtt-connection";
 const SINK: &str = "mqtt-sink";
@@ -356,7 +400,11 @@ async fn notify_loop(
         }
         let up = devices.iter().filter(|d| d.status().state == State::Up).count();
         let (queued, _) = shared.queue.depth();
-        let broker = if shared.is_connected() { "connected" } else { "disconnected" };
+        let broker = match (shared.is_connected(), shared.client_id_conflict.load(Relaxed)) {
+            (_, true) => "flapping (client id conflict suspected)",
+            (true, false) => "connected",
+            (false, false) => "disconnected",
+        };
         let mut status = format!("{up}/{} devices up, {queued} readings queued, broker {broker}", devices.len());
         let stale = live.stale(limit);
         if stale.is_empty() {

@@ -17,9 +17,43 @@ pub struct Config {
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub queue: QueueConfig,
+    #[serde(default)]
+    pub homeassistant: HomeAssistantConfig,
+    #[serde(default)]
+    pub commands: CommandsConfig,
     /// `[[device]]` tables; at least one.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
+    /// The file as written, for the `config` command (secrets redacted there).
+    #[serde(skip)]
+    pub source: Option<toml::Table>,
+}
+
+/// Home Assistant MQTT discovery (device-based, Home Assistant 2024.11 or newer).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeAssistantConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "d_discovery_prefix")]
+    pub discovery_prefix: String,
+    /// Sensor values with no reading for this long become unavailable in Home Assistant.
+    #[serde(default = "d_expire_after", deserialize_with = "de_duration")]
+    pub expire_after: Duration,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        Self { enabled: false, discovery_prefix: d_discovery_prefix(), expire_after: d_expire_after() }
+    }
+}
+
+/// Commands over MQTT (`<prefix>/<gateway>/cmd/<name>`); off unless enabled.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsConfig {
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -135,6 +169,24 @@ pub struct DeviceConfig {
     /// Names and units for the numbered channels of binary (postcard) frames.
     #[serde(default, rename = "channel")]
     pub channels: Vec<ChannelConfig>,
+    /// Home Assistant sensor entities made from this device's reading fields.
+    #[serde(default, rename = "entity")]
+    pub entities: Vec<EntityConfig>,
+}
+
+/// One Home Assistant sensor entity: a field of the device's readings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntityConfig {
+    /// The reading's field (for binary devices, a channel name).
+    pub field: String,
+    /// Display name; defaults to the field.
+    pub name: Option<String>,
+    pub unit: Option<String>,
+    /// Home Assistant device class, e.g. "temperature", "humidity".
+    pub device_class: Option<String>,
+    /// "measurement", "total" or "total_increasing".
+    pub state_class: Option<String>,
 }
 
 impl DeviceConfig {
@@ -240,6 +292,12 @@ fn d_max_readings() -> NonZeroUsize {
 }
 fn d_max_bytes() -> u64 {
     8 * 1024 * 1024
+}
+fn d_discovery_prefix() -> String {
+    "homeassistant".into()
+}
+fn d_expire_after() -> Duration {
+    Duration::from_secs(300)
 }
 fn d_baud() -> u32 {
     115_200
@@ -386,7 +444,7 @@ impl Config {
         })?;
         let problems = config.validate();
         if problems.is_empty() {
-            Ok(config)
+            Ok(Config { source: toml::from_str(text).ok(), ..config })
         } else {
             Err(problems)
         }
@@ -472,6 +530,20 @@ impl Config {
             }
             _ => {}
         }
+        let ha = &self.homeassistant;
+        if ha.discovery_prefix.is_empty()
+            || ha.discovery_prefix.contains(['+', '#', '\0'])
+            || ha.discovery_prefix.split('/').any(str::is_empty)
+        {
+            p.push(Problem::new(
+                "homeassistant.discovery_prefix",
+                format!("{:?} is not a usable topic prefix", ha.discovery_prefix),
+                "use Home Assistant's discovery prefix, \"homeassistant\" unless you changed it there",
+            ));
+        }
+        if ha.expire_after < Duration::from_secs(1) {
+            p.push(Problem::new("homeassistant.expire_after", "must be at least 1s", "use e.g. \"5m\""));
+        }
         if self.queue.max_bytes < 1024 {
             p.push(Problem::new("queue.max_bytes", "must be at least 1KiB", "use e.g. \"8MiB\""));
         }
@@ -548,6 +620,32 @@ impl Config {
                 "channel names only apply to binary (postcard) frames",
                 "remove the [[device.channel]] tables, text formats name their own fields",
             ));
+        }
+        for (e, ent) in d.entities.iter().enumerate() {
+            let key = |f: &str| format!("device[{i}].entity[{e}].{f}");
+            if ent.field.is_empty() || ent.field == crate::reading::RESERVED_KEY {
+                p.push(Problem::new(
+                    key("field"),
+                    format!("{:?} is not a reading field", ent.field),
+                    "name a field the sensor sends, e.g. \"temp\"",
+                ));
+            }
+            if d.entities[..e].iter().any(|o| o.field == ent.field) {
+                p.push(Problem::new(
+                    key("field"),
+                    format!("{:?} has two entities", ent.field),
+                    "keep one [[device.entity]] per field",
+                ));
+            }
+            if let Some(sc) = &ent.state_class {
+                if !matches!(sc.as_str(), "measurement" | "total" | "total_increasing") {
+                    p.push(Problem::new(
+                        key("state_class"),
+                        format!("{sc:?} is not a Home Assistant state class"),
+                        "use \"measurement\", \"total\" or \"total_increasing\"",
+                    ));
+                }
+            }
         }
         for (c, ch) in d.channels.iter().enumerate() {
             if ch.name.is_empty() || ch.name == crate::reading::RESERVED_KEY || ch.name.chars().any(char::is_control) {

@@ -28,10 +28,12 @@
 
 pub mod app;
 pub mod backoff;
+pub mod commands;
 pub mod config;
 pub mod decode;
 pub mod device;
 pub mod framing;
+pub mod homeassistant;
 pub mod liveness;
 pub mod metrics;
 pub mod mqtt;

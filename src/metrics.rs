@@ -13,6 +13,7 @@ use crate::reject::Reject;
 #[derive(Debug, Serialize)]
 pub struct Metrics<'a> {
     pub uptime_s: u64,
+    pub process: ProcessMetrics,
     pub queue: QueueMetrics,
     pub mqtt: MqttMetrics,
     pub devices: BTreeMap<&'a str, DeviceMetrics>,
@@ -30,6 +31,43 @@ pub struct QueueMetrics {
 pub struct MqttMetrics {
     pub connected: bool,
     pub reconnects: u64,
+    /// The broker closed the connection right after accepting it this many times in a row.
+    pub kicked_after_connect: u64,
+    /// Suspected: another client uses our client id.
+    pub client_id_conflict: bool,
+    /// Incoming messages (commands) dropped because they arrived faster than handled.
+    pub incoming_dropped: u64,
+}
+
+/// The gateway process itself.
+#[derive(Debug, Serialize)]
+pub struct ProcessMetrics {
+    /// Resident set size now.
+    pub rss_bytes: u64,
+    /// User + system CPU time since start.
+    pub cpu_seconds: f64,
+}
+
+impl ProcessMetrics {
+    /// Reads /proc/self/statm and getrusage(2); zeros where unavailable.
+    pub fn now() -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
+        let rss_pages = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        // SAFETY: getrusage writes into the struct we pass; zeroed is a valid initial value.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; RUSAGE_SELF is always valid.
+        let cpu_seconds = if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+            let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            tv(usage.ru_utime) + tv(usage.ru_stime)
+        } else {
+            0.0
+        };
+        Self { rss_bytes: rss_pages * page, cpu_seconds }
+    }
 }
 
 /// Per device. `readings = delivered + dropped_oldest + expired + queued + in_flight` and
@@ -106,6 +144,7 @@ pub fn snapshot<'a>(
         .collect();
     Metrics {
         uptime_s,
+        process: ProcessMetrics::now(),
         queue: QueueMetrics {
             readings: depth,
             bytes,

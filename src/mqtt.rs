@@ -14,8 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS};
-use tokio::sync::{watch, Mutex};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, Publish, QoS,
+    SubscribeFilter,
+};
+use tokio::sync::{mpsc, watch, Mutex};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -26,6 +30,20 @@ use crate::topics::Topics;
 
 /// Requests between the sink and the event loop. Tiny: the queue is the buffer.
 const REQUEST_CHANNEL: usize = 8;
+/// A connection closed sooner than this after CONNACK was kicked, not lost.
+const KICKED_WITHIN: Duration = Duration::from_secs(3);
+/// Kicked this many times in a row: another client is using our client id.
+const KICKS_FOR_COLLISION: u64 = 3;
+/// A connection that lasted this long was healthy: backoff starts over.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// The connection as the sink sees it; `generation` counts connections, so the sink can tell
+/// a reconnect it missed (and subscribe again: the session is clean).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Link {
+    pub up: bool,
+    pub generation: u64,
+}
 
 /// State shared by the connection task and the sink.
 pub struct MqttShared {
@@ -35,7 +53,15 @@ pub struct MqttShared {
     /// Held from "take from the queue" to "handed to the client" (sink), and while the
     /// connection task resets rumqttc after an error.
     gate: Mutex<()>,
-    connected: watch::Sender<bool>,
+    connected: watch::Sender<Link>,
+    /// Filters to subscribe to on every connection (commands, Home Assistant's status).
+    subscriptions: Vec<String>,
+    /// Incoming publishes, for the command task. Bounded; overflow is counted and dropped.
+    incoming: Option<mpsc::Sender<Publish>>,
+    pub incoming_dropped: AtomicU64,
+    /// Connections closed right after CONNACK, in a row.
+    pub kicked_in_a_row: AtomicU64,
+    pub client_id_conflict: AtomicBool,
     /// Retained gateway and device state to send on every (re)connect.
     on_connect: Box<dyn Fn() -> Vec<Control> + Send + Sync>,
     /// The last messages before `offline` at shutdown (the final metrics).
@@ -57,7 +83,12 @@ impl MqttShared {
             topics,
             qos,
             gate: Mutex::new(()),
-            connected: watch::Sender::new(false),
+            connected: watch::Sender::new(Link::default()),
+            subscriptions: Vec::new(),
+            incoming: None,
+            incoming_dropped: AtomicU64::new(0),
+            kicked_in_a_row: AtomicU64::new(0),
+            client_id_conflict: AtomicBool::new(false),
             on_connect,
             on_drained,
             reconnects: AtomicU64::new(0),
@@ -65,8 +96,15 @@ impl MqttShared {
         }
     }
 
+    /// Subscribes to `filters` on every connection and hands what arrives to `incoming`.
+    pub fn with_subscriptions(mut self, filters: Vec<String>, incoming: mpsc::Sender<Publish>) -> Self {
+        self.subscriptions = filters;
+        self.incoming = Some(incoming);
+        self
+    }
+
     pub fn is_connected(&self) -> bool {
-        *self.connected.borrow()
+        self.connected.borrow().up
     }
 
     /// The retained `online` / `offline` message.
@@ -114,6 +152,8 @@ pub async fn run_connection(
 ) {
     let mut failures: u64 = 0;
     let mut tick = liveness::ticker();
+    let mut connected_at: Option<Instant> = None;
+    let client_id = eventloop.mqtt_options.client_id();
     loop {
         let event = tokio::select! {
             biased;
@@ -122,23 +162,22 @@ pub async fn run_connection(
         };
         match event {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                backoff.reset();
                 failures = 0;
+                connected_at = Some(Instant::now());
                 if shared.ever_connected.swap(true, Relaxed) {
                     shared.reconnects.fetch_add(1, Relaxed);
                 }
-                tracing::info!(
-                    broker = %format!("{}:{}", eventloop.mqtt_options.broker_address().0, eventloop.mqtt_options.broker_address().1),
-                    "Connected to the MQTT broker."
-                );
+                let (host, port) = eventloop.mqtt_options.broker_address();
+                tracing::info!(broker = %format!("{host}:{port}"), "Connected to the MQTT broker.");
                 // The broker may have lost retained state (restart without persistence): send it all.
                 for c in (shared.on_connect)() {
                     shared.queue.push_control(c);
                 }
                 shared.queue.push_control_first(shared.availability(true));
-                shared.connected.send_replace(true);
+                shared.connected.send_modify(|l| *l = Link { up: true, generation: l.generation + 1 });
             }
             Ok(Event::Incoming(Incoming::PubAck(ack))) => shared.queue.on_acked(ack.pkid),
+            Ok(Event::Incoming(Incoming::Publish(p))) => deliver_incoming(&shared, p),
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => shared.queue.on_published(pkid),
             Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => shared.queue.on_collision(pkid),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
@@ -148,7 +187,16 @@ pub async fn run_connection(
             Ok(_) => {}
             Err(e) => {
                 failures += 1;
-                let was_connected = shared.connected.send_replace(false);
+                // Only this task writes the link.
+                let was_connected = shared.connected.borrow().up;
+                shared.connected.send_modify(|l| l.up = false);
+                let lasted = connected_at.take().map(|t| t.elapsed());
+                // Reset only after a stable connection: a broker that accepts and then drops
+                // us at once must not be hammered at the minimum interval.
+                if lasted.is_some_and(|d| d >= STABLE_AFTER) {
+                    backoff.reset();
+                }
+                note_kick(&shared, lasted, &client_id);
                 let requeued = reset_after_error(&mut eventloop, &shared).await;
                 let delay = backoff.next_delay();
                 log_connection_error(&e, was_connected, failures, requeued, delay);
@@ -159,6 +207,43 @@ pub async fn run_connection(
                 }
             }
         }
+    }
+}
+
+/// Hands an incoming publish to the command task without ever waiting for it.
+fn deliver_incoming(shared: &MqttShared, p: Publish) {
+    let Some(tx) = &shared.incoming else { return };
+    if tx.try_send(p).is_err() {
+        let n = shared.incoming_dropped.fetch_add(1, Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(dropped = n, "Incoming MQTT messages arrive faster than they are handled; dropping.");
+        }
+    }
+}
+
+/// Counts connections the broker closed right after accepting them. Several in a row mean
+/// another client holds the same client id (the broker takes the session over each time one
+/// of the two connects): say so instead of flapping silently.
+fn note_kick(shared: &MqttShared, lasted: Option<Duration>, client_id: &str) {
+    match lasted {
+        Some(d) if d < KICKED_WITHIN => {
+            let n = shared.kicked_in_a_row.fetch_add(1, Relaxed) + 1;
+            if n >= KICKS_FOR_COLLISION && !shared.client_id_conflict.swap(true, Relaxed) {
+                tracing::error!(
+                    client_id,
+                    kicked = n,
+                    "The broker keeps closing the connection right after accepting it: another client is probably \
+                     using the same client id. Give each gateway its own gateway.id or mqtt.client_id."
+                );
+            }
+        }
+        Some(_) => {
+            shared.kicked_in_a_row.store(0, Relaxed);
+            if shared.client_id_conflict.swap(false, Relaxed) {
+                tracing::info!(client_id, "The connection is stable again; client id conflict over.");
+            }
+        }
+        None => {}
     }
 }
 
@@ -205,12 +290,13 @@ pub async fn run_sink(
     let mut connected = shared.connected.subscribe();
     let mut tick = liveness::ticker();
     let mut offline_sent = false;
+    let mut subscribed: Option<u64> = None;
     loop {
         if hard_stop.is_cancelled() {
             return;
         }
         beat.beat();
-        if !*connected.borrow_and_update() {
+        if !connected.borrow_and_update().up {
             tokio::select! {
                 biased;
                 _ = hard_stop.cancelled() => return,
@@ -219,7 +305,19 @@ pub async fn run_sink(
             continue;
         }
         let gate = shared.gate.lock().await;
-        if !*connected.borrow() {
+        let link = *connected.borrow();
+        if !link.up {
+            continue;
+        }
+        if !shared.subscriptions.is_empty() && subscribed != Some(link.generation) {
+            // A clean session: every connection needs its subscriptions again.
+            let filters = shared.subscriptions.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+            let subscribe = client.subscribe_many(filters);
+            if let Err(e) = liveness::beating(&beat, &mut tick, subscribe).await {
+                tracing::error!(error = %e, "The MQTT event loop is gone.");
+                return;
+            }
+            subscribed = Some(link.generation);
             continue;
         }
         if let Some(out) = shared.queue.pop_next() {

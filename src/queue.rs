@@ -51,6 +51,10 @@ pub struct Control {
     pub retain: bool,
 }
 
+/// Control messages waiting at most; state-like ones replace each other by topic, so only
+/// command responses can reach this.
+const MAX_CONTROL: usize = 256;
+
 #[derive(Debug)]
 struct Entry {
     seq: u64,
@@ -153,6 +157,19 @@ impl ReadingQueue {
     /// (the gateway's `online` goes before the device states it qualifies).
     pub fn push_control_first(&self, control: Control) {
         self.insert_control(control, true);
+    }
+
+    /// Queues a one-off message (a command response) behind the other control messages,
+    /// replacing nothing. Returns false, dropping it, when too many are already waiting.
+    pub fn push_response(&self, control: Control) -> bool {
+        let mut q = self.lock();
+        if q.control.len() >= MAX_CONTROL {
+            return false;
+        }
+        q.control.push_back(control);
+        drop(q);
+        self.notify.notify_one();
+        true
     }
 
     fn insert_control(&self, control: Control, first: bool) {

@@ -13,6 +13,16 @@ pub struct Topics {
     pub readings: Vec<String>,
     /// `<prefix>/<gateway>/devices/<device>/state`, retained JSON, by device index.
     pub device_state: Vec<String>,
+    /// `<prefix>/<gateway>/cmd/`: requests arrive on `<cmd>/<name>`, responses go to
+    /// `<cmd>/<name>/response`.
+    pub cmd: String,
+}
+
+impl Topics {
+    /// The filter for every command request.
+    pub fn cmd_filter(&self) -> String {
+        format!("{}+", self.cmd)
+    }
 }
 
 impl Topics {
@@ -24,6 +34,7 @@ impl Topics {
             metrics: format!("{base}/metrics"),
             readings: config.devices.iter().map(|d| dev(&d.name, "readings")).collect(),
             device_state: config.devices.iter().map(|d| dev(&d.name, "state")).collect(),
+            cmd: format!("{base}/cmd/"),
         }
     }
 }

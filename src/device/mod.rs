@@ -62,12 +62,21 @@ pub struct DeviceRuntime {
     pub counters: DeviceCounters,
     state_topic: String,
     status: Mutex<Status>,
+    /// Asks the supervisor to close and reopen the port now (the `restart_device` command).
+    pub restart: tokio::sync::Notify,
 }
 
 impl DeviceRuntime {
     pub fn new(index: usize, config: DeviceConfig, state_topic: String) -> Self {
         let status = Status { state: State::Opening, since: now_rfc3339(), restarts: 0, last_error: None };
-        Self { index, config, counters: DeviceCounters::default(), state_topic, status: Mutex::new(status) }
+        Self {
+            index,
+            config,
+            counters: DeviceCounters::default(),
+            state_topic,
+            status: Mutex::new(status),
+            restart: tokio::sync::Notify::new(),
+        }
     }
 
     pub fn name(&self) -> &str {

@@ -37,6 +37,8 @@ pub enum SessionEnd {
     Idle(Duration),
     #[error("decoder panicked: {0}")]
     DecoderPanic(String),
+    #[error("restart requested")]
+    Requested,
 }
 
 /// Runs one session on an open port. With `up_on_data` (a reopen after silence) the device is
@@ -77,6 +79,7 @@ pub async fn run(
             biased;
             _ = dev_cancel.cancelled() => break SessionEnd::Cancelled,
             msg = &mut panic_rx => break SessionEnd::DecoderPanic(msg.unwrap_or_else(|_| "decode thread ended".into())),
+            _ = dev.restart.notified() => break SessionEnd::Requested,
             r = liveness::beating(&ctx.beat, &mut tick, tokio::time::timeout_at(idle_deadline, port.read_buf(&mut buf))) => r,
         };
         match read {

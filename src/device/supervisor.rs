@@ -65,6 +65,12 @@ pub async fn supervise(ctx: SupervisorContext, cancel: CancellationToken) {
                 match end {
                     SessionEnd::Cancelled => break,
                     SessionEnd::Idle(_) => (end.to_string(), State::Stale),
+                    SessionEnd::Requested => {
+                        tracing::info!(device = dev.name(), "Restart requested; reopening the port.");
+                        dev.counters.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        stale = false;
+                        continue;
+                    }
                     other => (other.to_string(), State::Backoff),
                 }
             }
@@ -79,6 +85,8 @@ pub async fn supervise(ctx: SupervisorContext, cancel: CancellationToken) {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
+            // An operator's restart skips the wait.
+            _ = dev.restart.notified() => {}
             _ = liveness::beating(&ctx.beat, &mut tick, wait) => {}
         }
     }

@@ -334,3 +334,21 @@ pub async fn write_all(master: &mut tokio_serial::SerialStream, bytes: &[u8]) {
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
+
+/// Publishes one message at QoS 1 from a throwaway client and waits for the broker's ack.
+pub async fn publish(port: u16, topic: &str, payload: &[u8], retain: bool) {
+    let mut opts = MqttOptions::new(format!("test-pub-{}", free_port()), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 4);
+    client.publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()).await.unwrap();
+    let acked = async {
+        loop {
+            if let Event::Incoming(Incoming::PubAck(_)) = eventloop.poll().await.unwrap() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), acked).await.expect("PUBACK in time");
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+}
