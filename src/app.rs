@@ -1,22 +1,26 @@
-//! Wiring and lifetime: starts every task, restarts a crashed device supervisor, and shuts
-//! down in phases with one deadline: devices first, then drain the queue, then `offline` and
-//! DISCONNECT. While waiting it says who is late.
+//! Wiring and lifetime: starts every task, keeps each device's supervisor alive, applies
+//! reloads (only what changed), and shuts down in phases with one deadline: devices first,
+//! then drain the queue, then the final metrics, `offline` and DISCONNECT. While waiting it
+//! says who is late.
 
 use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rumqttc::QoS;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::commands::{self, CommandContext};
-use crate::config::Config;
-use crate::device::{self, DecoderFactory, DeviceRuntime, PortOpener, SerialOpener, State, SupervisorContext};
-use crate::homeassistant::Discovery;
+use crate::config::{Config, DeviceConfig};
+use crate::device::{
+    self, DecoderFactory, DeviceRuntime, PortOpener, Registry, SerialOpener, State, SupervisorContext,
+};
+use crate::homeassistant::{Discovery, SharedDiscovery};
 use crate::liveness::{Liveness, BEAT_EVERY};
 use crate::metrics::{self, MqttMetrics};
 use crate::mqtt::{self, MqttShared};
@@ -26,6 +30,13 @@ use crate::topics::Topics;
 /// Device restart backoff bounds.
 const RESTART_MIN: Duration = Duration::from_millis(500);
 const RESTART_MAX: Duration = Duration::from_secs(30);
+/// Incoming messages waiting for the command task.
+const INCOMING: usize = 32;
+/// How long a reload waits for the old MQTT connection to say goodbye.
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+const CONNECTION: &str = "mqtt-connection";
+const SINK: &str = "mqtt-sink";
 
 /// The seams: where ports come from, which decoders run, whether backoff is jittered.
 #[derive(Clone)]
@@ -42,7 +53,7 @@ impl Default for Hooks {
     }
 }
 
-/// How a run ended, per device.
+/// How a run ended, per queue lane (a device, or one removed by a reload).
 #[derive(Debug, Clone)]
 pub struct Report {
     pub devices: Vec<(String, LaneStats)>,
@@ -78,218 +89,470 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
 /// # Errors
 /// As [`run`].
 pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, hooks: Hooks) -> Result<Report, AppError> {
-    let started = Instant::now();
-    let topics = Topics::new(&config);
-    let queue = Arc::new(ReadingQueue::new(
-        config.devices.len(),
-        config.queue.max_readings.get(),
-        config.queue.max_bytes as usize,
-        config.queue.max_age,
-        config.mqtt.inflight,
-    ));
-    let devices: Arc<[Arc<DeviceRuntime>]> = config
-        .devices
-        .iter()
-        .enumerate()
-        .map(|(i, d)| Arc::new(DeviceRuntime::new(i, d.clone(), topics.device_state[i].clone())))
-        .collect();
+    let (_keep, reloads) = mpsc::channel(1);
+    run_reloadable(config, shutdown, reloads, hooks).await
+}
 
-    let live = Liveness::new(
-        [CONNECTION.to_string(), SINK.to_string()].into_iter().chain(devices.iter().map(|d| device_component(d))),
-    );
-
-    let (client, eventloop) = mqtt::client(&config, &topics)?;
-    let discovery = config.homeassistant.enabled.then(|| Discovery::new(&config, &topics));
-    let on_connect = {
-        let devices = Arc::clone(&devices);
-        let discovery = discovery.clone();
-        Box::new(move || {
-            let states = devices.iter().map(|d| d.state_message(&d.status()));
-            states.chain(discovery.iter().flat_map(Discovery::messages)).collect::<Vec<Control>>()
-        })
-    };
-    // Filled in below, once `shared` exists: the final metrics are read from it.
-    let final_metrics: Arc<std::sync::OnceLock<Box<dyn Fn() -> Control + Send + Sync>>> = Arc::default();
-    let on_drained = {
-        let f = Arc::clone(&final_metrics);
-        Box::new(move || f.get().map(|f| vec![f()]).unwrap_or_default())
-    };
-    let qos = if config.mqtt.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-    let mut filters = Vec::new();
-    if let Some(d) = &discovery {
-        filters.push(d.status_topic.clone());
-    }
-    if config.commands.enabled {
-        filters.push(topics.cmd_filter());
-    }
-    let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(INCOMING);
-    let shared = Arc::new(
-        MqttShared::new(Arc::clone(&queue), topics.clone(), qos, on_connect, on_drained)
-            .with_subscriptions(filters, incoming_tx),
-    );
-    let snapshot = {
-        let (config, devices, shared) = (config.clone(), Arc::clone(&devices), Arc::downgrade(&shared));
-        move || -> Control {
-            let shared = shared.upgrade().expect("the sink holds the shared state while it drains");
-            metrics_message(&config, &devices, &shared, started)
-        }
-    };
-    let _ = final_metrics.set(Box::new(snapshot));
-
-    let hard_stop = CancellationToken::new();
-    let draining = CancellationToken::new();
-    let devices_stop = CancellationToken::new();
-    let backoff = Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max, hooks.jitter);
-    let mut conn = tokio::spawn(mqtt::run_connection(
-        eventloop,
-        Arc::clone(&shared),
-        backoff,
-        live.beat_for(CONNECTION),
-        hard_stop.clone(),
+/// [`run_with`], applying every (already validated) config that arrives on `reloads`.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_reloadable(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<Config>,
+    hooks: Hooks,
+) -> Result<Report, AppError> {
+    let core = Core::new(&config, hooks);
+    let mut devices: Vec<RunningDevice> = config.devices.iter().map(|d| core.start_device(d, None)).collect();
+    core.registry.set(devices.iter().map(|d| Arc::clone(&d.runtime)).collect());
+    let mut side = core.start_mqtt(&config)?;
+    let (current, current_rx) = watch::channel(Arc::clone(&side.shared));
+    let notify_task = tokio::spawn(notify_loop(
+        Arc::clone(&core.live),
+        Arc::clone(&core.registry),
+        current_rx,
+        core.draining.clone(),
     ));
-    let mut sink = tokio::spawn(mqtt::run_sink(
-        client,
-        Arc::clone(&shared),
-        live.beat_for(SINK),
-        draining.clone(),
-        hard_stop.clone(),
-    ));
-    let metrics_task = tokio::spawn(metrics_loop(
-        config.clone(),
-        Arc::clone(&devices),
-        Arc::clone(&shared),
-        started,
-        draining.clone(),
-    ));
-    let command_task = tokio::spawn(commands::run(
-        CommandContext {
-            queue: Arc::clone(&queue),
-            topics: topics.clone(),
-            devices: Arc::clone(&devices),
-            discovery,
-            commands_enabled: config.commands.enabled,
-            config: commands::redacted(config.source.as_ref()),
-            metrics: {
-                let (config, devices, shared) = (config.clone(), Arc::clone(&devices), Arc::downgrade(&shared));
-                Box::new(move || {
-                    let shared = shared.upgrade().expect("commands run while the MQTT side lives");
-                    metrics_message(&config, &devices, &shared, started)
-                })
-            },
-        },
-        incoming_rx,
-        draining.clone(),
-    ));
-    let notify_task =
-        tokio::spawn(notify_loop(Arc::clone(&live), Arc::clone(&devices), Arc::clone(&shared), draining.clone()));
-
-    let ctx_for = |dev: &Arc<DeviceRuntime>| SupervisorContext {
-        dev: Arc::clone(dev),
-        queue: Arc::clone(&queue),
-        opener: Arc::clone(&hooks.opener),
-        decoders: Arc::clone(&hooks.decoders),
-        started,
-        restart_min: RESTART_MIN,
-        restart_max: RESTART_MAX,
-        jitter: hooks.jitter,
-        beat: live.beat_for(&device_component(dev)),
-    };
-    let mut supervisors = JoinSet::new();
-    let mut task_device = std::collections::HashMap::new();
-    for dev in devices.iter() {
-        let h = supervisors.spawn(device::supervise(ctx_for(dev), devices_stop.clone()));
-        task_device.insert(h.id(), dev.index);
-    }
     tracing::info!(devices = devices.len(), gateway = %config.gateway.id, "Gateway running.");
     // Config is valid and every task is running.
     notify(&[sd_notify::NotifyState::Ready]);
 
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let event = tokio::select! {
             biased;
-            _ = &mut shutdown => break,
-            r = &mut conn => return Err(died("MQTT connection", r)),
-            r = &mut sink => return Err(died("MQTT sink", r)),
-            Some(r) = supervisors.join_next_with_id() => {
-                // A supervisor only returns at shutdown; anything else is a crash in it.
-                let (id, why) = match r {
-                    Ok((id, ())) => (id, "returned".to_string()),
-                    Err(e) => (e.id(), if e.is_panic() { device::panic_text(e.into_panic()) } else { e.to_string() }),
-                };
-                let Some(index) = task_device.remove(&id) else { continue };
-                let dev = &devices[index];
-                tracing::error!(device = dev.name(), error = %why, "Device supervisor crashed; restarting it.");
-                dev.counters.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let h = supervisors.spawn(device::supervise(ctx_for(dev), devices_stop.clone()));
-                task_device.insert(h.id(), index);
+            _ = &mut shutdown => None,
+            Some(next) = reloads.recv() => Some(Ok(next)),
+            r = &mut side.conn => Some(Err(died("MQTT connection", r))),
+            r = &mut side.sink => Some(Err(died("MQTT sink", r))),
+        };
+        match event {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(next)) => {
+                core.apply(next, &mut devices, &mut side).await?;
+                current.send_replace(Arc::clone(&side.shared));
             }
         }
     }
+    let report = core.shut_down(devices, side).await;
+    let _ = notify_task.await;
+    Ok(report)
+}
 
-    // Phase 1: stop reading. Supervisors end their sessions; decode threads finish the bytes
-    // already read, so every frame read is counted somewhere.
-    let deadline = Instant::now() + config.gateway.shutdown_timeout;
-    notify(&[sd_notify::NotifyState::Stopping]);
-    tracing::info!(timeout_ms = config.gateway.shutdown_timeout.as_millis() as u64, "Shutting down: stopping devices.");
-    devices_stop.cancel();
-    let devices_done = wait_with_progress(async { while supervisors.join_next().await.is_some() {} }, deadline, || {
-        let late: Vec<&str> = devices.iter().filter(|d| d.status().state != State::Stopped).map(|d| d.name()).collect();
-        format!("devices still stopping: {}", late.join(", "))
-    })
-    .await;
-    if !devices_done {
-        supervisors.abort_all();
+/// What lives as long as the process, across reloads.
+struct Core {
+    started: Instant,
+    /// The configuration in force.
+    config: Arc<RwLock<Config>>,
+    topics: Topics,
+    queue: Arc<ReadingQueue>,
+    registry: Arc<Registry>,
+    live: Arc<Liveness>,
+    discovery: SharedDiscovery,
+    hooks: Hooks,
+    /// Parent of every device's stop token.
+    devices_stop: CancellationToken,
+    draining: CancellationToken,
+}
+
+/// A device's running supervisor.
+struct RunningDevice {
+    runtime: Arc<DeviceRuntime>,
+    stop: CancellationToken,
+    keeper: JoinHandle<()>,
+}
+
+/// One MQTT connection with its tasks; replaced when a reload changes the MQTT settings.
+struct MqttSide {
+    shared: Arc<MqttShared>,
+    conn: JoinHandle<()>,
+    sink: JoinHandle<()>,
+    helpers: Vec<JoinHandle<()>>,
+    /// Asks the sink to disconnect cleanly (a reload).
+    switching: CancellationToken,
+    /// Ends the connection and sink tasks at once.
+    hard_stop: CancellationToken,
+    /// Ends the metrics and command tasks (child of draining).
+    helpers_stop: CancellationToken,
+}
+
+impl Core {
+    fn new(config: &Config, hooks: Hooks) -> Self {
+        let queue = Arc::new(ReadingQueue::new(
+            0,
+            config.queue.max_readings.get(),
+            config.queue.max_bytes as usize,
+            config.queue.max_age,
+            config.mqtt.inflight,
+        ));
+        let topics = Topics::new(config);
+        let discovery = config.homeassistant.enabled.then(|| Discovery::new(config, &topics));
+        Self {
+            started: Instant::now(),
+            config: Arc::new(RwLock::new(config.clone())),
+            topics,
+            queue,
+            registry: Arc::default(),
+            live: Liveness::new([CONNECTION.to_string(), SINK.to_string()]),
+            discovery: Arc::new(std::sync::Mutex::new(discovery)),
+            hooks,
+            devices_stop: CancellationToken::new(),
+            draining: CancellationToken::new(),
+        }
     }
 
-    // Phase 2: drain the queue, then `offline`, then DISCONNECT.
-    tracing::info!(queued = queue.depth().0, "Shutting down: draining the queue.");
-    draining.cancel();
-    let q = Arc::clone(&queue);
-    let drained = wait_with_progress(&mut sink, deadline, || {
-        let (n, _) = q.depth();
-        format!("MQTT sink still draining: {n} readings queued, broker connected: {}", shared.is_connected())
-    })
-    .await;
-    let closed = drained
-        && wait_with_progress(&mut conn, deadline.max(Instant::now() + Duration::from_secs(1)), || {
-            "MQTT connection still closing".into()
+    fn config(&self) -> Config {
+        self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Starts a device's supervisor; `previous` hands over counters and status (a reload).
+    fn start_device(&self, config: &DeviceConfig, previous: Option<&Arc<DeviceRuntime>>) -> RunningDevice {
+        let runtime = Arc::new(match previous {
+            Some(p) => p.with_config(config.clone()),
+            None => {
+                let lane = self.queue.add_lane(&config.name);
+                DeviceRuntime::new(lane, config.clone(), self.topics.device_state(&config.name))
+            }
+        });
+        let ctx = SupervisorContext {
+            dev: Arc::clone(&runtime),
+            queue: Arc::clone(&self.queue),
+            opener: Arc::clone(&self.hooks.opener),
+            decoders: Arc::clone(&self.hooks.decoders),
+            started: self.started,
+            restart_min: RESTART_MIN,
+            restart_max: RESTART_MAX,
+            jitter: self.hooks.jitter,
+            beat: self.live.beat_for(&device_component(&config.name)),
+        };
+        let stop = self.devices_stop.child_token();
+        let keeper = tokio::spawn(keep_supervising(ctx, stop.clone()));
+        RunningDevice { runtime, stop, keeper }
+    }
+
+    /// Stops a device's supervisor and waits for its session and decode thread to finish.
+    async fn stop_device(&self, d: RunningDevice, deadline: Instant) {
+        d.stop.cancel();
+        let name = d.runtime.name().to_string();
+        let keeper = d.keeper;
+        if !wait_with_progress(keeper, deadline, || format!("device {name} still stopping")).await {
+            tracing::warn!(device = %name, "Device did not stop in time; leaving it behind.");
+        }
+    }
+
+    fn start_mqtt(&self, config: &Config) -> Result<MqttSide, AppError> {
+        let (client, eventloop) = mqtt::client(config, &self.topics)?;
+        let on_connect = {
+            let (registry, discovery) = (Arc::clone(&self.registry), Arc::clone(&self.discovery));
+            Box::new(move || {
+                let mut out: Vec<Control> = registry.snapshot().iter().map(|d| d.state_message(&d.status())).collect();
+                let d = discovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                out.extend(d.iter().flat_map(Discovery::messages));
+                out
+            })
+        };
+        // Filled in below, once `shared` exists: the final metrics are read from it.
+        let final_metrics: Arc<std::sync::OnceLock<Box<dyn Fn() -> Control + Send + Sync>>> = Arc::default();
+        let on_drained = {
+            let f = Arc::clone(&final_metrics);
+            Box::new(move || f.get().map(|f| vec![f()]).unwrap_or_default())
+        };
+        let qos = if config.mqtt.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+        let mut filters = Vec::new();
+        if config.homeassistant.enabled {
+            filters.push(format!("{}/status", config.homeassistant.discovery_prefix));
+        }
+        if config.commands.enabled {
+            filters.push(self.topics.cmd_filter());
+        }
+        let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING);
+        let shared = Arc::new(
+            MqttShared::new(Arc::clone(&self.queue), self.topics.clone(), qos, on_connect, on_drained)
+                .with_subscriptions(filters, incoming_tx),
+        );
+        let _ = final_metrics.set(self.metrics_fn(&shared));
+
+        let hard_stop = CancellationToken::new();
+        let switching = CancellationToken::new();
+        let helpers_stop = self.draining.child_token();
+        let backoff = Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max, self.hooks.jitter);
+        let conn = tokio::spawn(mqtt::run_connection(
+            eventloop,
+            Arc::clone(&shared),
+            backoff,
+            self.live.beat_for(CONNECTION),
+            hard_stop.clone(),
+        ));
+        let sink = tokio::spawn(mqtt::run_sink(
+            client,
+            Arc::clone(&shared),
+            self.live.beat_for(SINK),
+            self.draining.clone(),
+            switching.clone(),
+            hard_stop.clone(),
+        ));
+        let metrics_task = tokio::spawn(metrics_loop(
+            Arc::clone(&self.config),
+            Arc::clone(&shared),
+            self.metrics_fn(&shared),
+            helpers_stop.clone(),
+        ));
+        let command_task = tokio::spawn(commands::run(
+            CommandContext {
+                queue: Arc::clone(&self.queue),
+                topics: self.topics.clone(),
+                devices: Arc::clone(&self.registry),
+                discovery: Arc::clone(&self.discovery),
+                commands_enabled: config.commands.enabled,
+                config: Arc::clone(&self.config),
+                metrics: self.metrics_fn(&shared),
+            },
+            incoming_rx,
+            helpers_stop.clone(),
+        ));
+        Ok(MqttSide {
+            shared,
+            conn,
+            sink,
+            helpers: vec![metrics_task, command_task],
+            switching,
+            hard_stop,
+            helpers_stop,
+        })
+    }
+
+    /// A metrics snapshot maker bound to one MQTT side.
+    fn metrics_fn(&self, shared: &Arc<MqttShared>) -> Box<dyn Fn() -> Control + Send + Sync> {
+        let (config, registry, shared, started) =
+            (Arc::clone(&self.config), Arc::clone(&self.registry), Arc::downgrade(shared), self.started);
+        Box::new(move || {
+            let shared = shared.upgrade().expect("metrics are made while their MQTT side lives");
+            let config = config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            metrics_message(&config, &registry.snapshot(), &shared, started)
+        })
+    }
+
+    /// Applies a validated config: only what changed is stopped, started or restarted.
+    async fn apply(&self, next: Config, devices: &mut Vec<RunningDevice>, side: &mut MqttSide) -> Result<(), AppError> {
+        let old = self.config();
+        if next.gateway.id != old.gateway.id || next.mqtt.topic_prefix != old.mqtt.topic_prefix {
+            tracing::error!(
+                "Reload refused: gateway.id and mqtt.topic_prefix name every topic and cannot change while running; \
+                 restart the service to apply them. Keeping the running configuration."
+            );
+            return Ok(());
+        }
+        let deadline = Instant::now() + next.gateway.shutdown_timeout;
+        if next.queue != old.queue {
+            let evicted =
+                self.queue.set_bounds(next.queue.max_readings.get(), next.queue.max_bytes as usize, next.queue.max_age);
+            tracing::info!(evicted, "Queue bounds changed.");
+        }
+
+        let (mut started, mut stopped, mut restarted) = (0, 0, 0);
+        let mut previous: Vec<RunningDevice> = std::mem::take(devices);
+        for dc in &next.devices {
+            match previous.iter().position(|d| d.runtime.name() == dc.name) {
+                Some(i) if previous[i].runtime.config == *dc => devices.push(previous.remove(i)),
+                Some(i) => {
+                    let old_dev = previous.remove(i);
+                    let runtime = Arc::clone(&old_dev.runtime);
+                    self.stop_device(old_dev, deadline).await;
+                    devices.push(self.start_device(dc, Some(&runtime)));
+                    restarted += 1;
+                }
+                None => {
+                    devices.push(self.start_device(dc, None));
+                    started += 1;
+                }
+            }
+        }
+        for gone in previous {
+            let name = gone.runtime.name().to_string();
+            self.stop_device(gone, deadline).await;
+            self.live.retire(&device_component(&name));
+            stopped += 1;
+        }
+        self.registry.set(devices.iter().map(|d| Arc::clone(&d.runtime)).collect());
+        *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next.clone();
+
+        let discovery = next.homeassistant.enabled.then(|| Discovery::new(&next, &self.topics));
+        let (removals, messages) = {
+            let mut d = self.discovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let removals = match (d.as_ref(), discovery.as_ref()) {
+                (Some(old), Some(new)) => old.removals(new),
+                (Some(old), None) => {
+                    old.messages().into_iter().map(|m| Control { payload: bytes::Bytes::new(), ..m }).collect()
+                }
+                _ => Vec::new(),
+            };
+            *d = discovery;
+            (removals, d.iter().flat_map(Discovery::messages).collect::<Vec<_>>())
+        };
+        for m in removals.into_iter().chain(messages) {
+            self.queue.push_control(m);
+        }
+
+        let reconnect = next.mqtt != old.mqtt
+            || next.commands != old.commands
+            || next.homeassistant.enabled != old.homeassistant.enabled
+            || next.homeassistant.discovery_prefix != old.homeassistant.discovery_prefix;
+        if reconnect {
+            self.switch_mqtt(&next, side).await?;
+        }
+        tracing::info!(started, stopped, restarted, mqtt_reconnected = reconnect, "Configuration reloaded.");
+        Ok(())
+    }
+
+    /// Replaces the MQTT connection: the old one leaves cleanly (no last will), its in-flight
+    /// readings go back to the queue, and the new one connects with the new settings.
+    async fn switch_mqtt(&self, next: &Config, side: &mut MqttSide) -> Result<(), AppError> {
+        // Set the new client up first: if that fails, the old connection stays.
+        let new_side = self.start_mqtt_after_old_closes(next, side).await?;
+        let old = std::mem::replace(side, new_side);
+        old.helpers_stop.cancel();
+        for h in old.helpers {
+            let _ = h.await;
+        }
+        Ok(())
+    }
+
+    async fn start_mqtt_after_old_closes(&self, next: &Config, old: &mut MqttSide) -> Result<MqttSide, AppError> {
+        mqtt::client(next, &self.topics)?;
+        old.switching.cancel();
+        let deadline = Instant::now() + SWITCH_TIMEOUT;
+        let closed = tokio::time::timeout_at(deadline, &mut old.conn).await.is_ok();
+        old.hard_stop.cancel();
+        if !closed {
+            let _ = (&mut old.conn).await;
+        }
+        let _ = (&mut old.sink).await;
+        let requeued = self.queue.requeue_in_flight();
+        tracing::info!(requeued, "MQTT settings changed; reconnecting with the new ones.");
+        self.start_mqtt(next)
+    }
+
+    /// Phase 1: stop reading (sessions end, decode threads finish the bytes already read, so
+    /// every frame read is counted). Phase 2: drain, final metrics, `offline`, DISCONNECT.
+    async fn shut_down(&self, devices: Vec<RunningDevice>, mut side: MqttSide) -> Report {
+        let config = self.config();
+        let deadline = Instant::now() + config.gateway.shutdown_timeout;
+        notify(&[sd_notify::NotifyState::Stopping]);
+        tracing::info!(
+            timeout_ms = config.gateway.shutdown_timeout.as_millis() as u64,
+            "Shutting down: stopping devices."
+        );
+        self.devices_stop.cancel();
+        let registry = Arc::clone(&self.registry);
+        let keepers = devices.into_iter().map(|d| d.keeper).collect::<Vec<_>>();
+        let all_stopped = wait_with_progress(
+            async {
+                for k in keepers {
+                    let _ = k.await;
+                }
+            },
+            deadline,
+            || {
+                let late: Vec<String> = registry
+                    .snapshot()
+                    .iter()
+                    .filter(|d| d.status().state != State::Stopped)
+                    .map(|d| d.name().to_string())
+                    .collect();
+                format!("devices still stopping: {}", late.join(", "))
+            },
+        )
+        .await;
+        if !all_stopped {
+            tracing::warn!("Some devices did not stop in time; draining what was read.");
+        }
+
+        tracing::info!(queued = self.queue.depth().0, "Shutting down: draining the queue.");
+        self.draining.cancel();
+        let (queue, shared) = (Arc::clone(&self.queue), Arc::clone(&side.shared));
+        let drained = wait_with_progress(&mut side.sink, deadline, || {
+            format!(
+                "MQTT sink still draining: {} readings queued, broker connected: {}",
+                queue.depth().0,
+                shared.is_connected()
+            )
         })
         .await;
-    hard_stop.cancel();
-    if !drained {
-        let _ = sink.await;
-    }
-    if !closed {
-        let _ = conn.await;
-    }
-    let _ = metrics_task.await;
-    let _ = notify_task.await;
-    let _ = command_task.await;
-
-    let report = Report { devices: devices.iter().map(|d| d.name().to_string()).zip(queue.stats()).collect() };
-    for ((name, s), dev) in report.devices.iter().zip(devices.iter()) {
-        let lost = s.queued + s.in_flight;
-        let c = &dev.counters;
-        let fields =
-            (c.frames_in.load(Relaxed), c.rejected_total(), s.readings, s.delivered, s.dropped_oldest, s.expired);
-        if lost > 0 {
-            tracing::error!(device = %name, lost, "Shutdown deadline passed: readings not delivered.");
+        let closing = deadline.max(Instant::now() + Duration::from_secs(1));
+        let closed =
+            drained && wait_with_progress(&mut side.conn, closing, || "MQTT connection still closing".into()).await;
+        side.hard_stop.cancel();
+        if !drained {
+            let _ = side.sink.await;
         }
-        tracing::info!(
-            device = %name,
-            frames_in = fields.0,
-            rejected = fields.1,
-            readings = fields.2,
-            delivered = fields.3,
-            dropped_oldest = fields.4,
-            expired = fields.5,
-            lost,
-            "Final accounting."
-        );
+        if !closed {
+            let _ = side.conn.await;
+        }
+        for h in side.helpers {
+            let _ = h.await;
+        }
+        self.report()
     }
-    tracing::info!(lost = report.lost(), "Gateway stopped.");
-    Ok(report)
+
+    /// The final accounting, logged per lane.
+    fn report(&self) -> Report {
+        let stats = self.queue.stats();
+        let runtimes = self.registry.snapshot();
+        let report = Report {
+            devices: stats.iter().enumerate().map(|(i, s)| (self.queue.lane_name(i).to_string(), *s)).collect(),
+        };
+        for (i, (name, s)) in report.devices.iter().enumerate() {
+            let lost = s.queued + s.in_flight;
+            let (frames_in, rejected) = runtimes
+                .iter()
+                .find(|d| d.index == i)
+                .map_or((0, 0), |d| (d.counters.frames_in.load(Relaxed), d.counters.rejected_total()));
+            if lost > 0 {
+                tracing::error!(device = %name, lost, "Shutdown deadline passed: readings not delivered.");
+            }
+            tracing::info!(
+                device = %name,
+                frames_in,
+                rejected,
+                readings = s.readings,
+                delivered = s.delivered,
+                dropped_oldest = s.dropped_oldest,
+                expired = s.expired,
+                lost,
+                "Final accounting."
+            );
+        }
+        tracing::info!(lost = report.lost(), "Gateway stopped.");
+        report
+    }
+}
+
+/// Runs a device's supervisor until `stop`; a panic in it is caught here, at its join,
+/// counted as a restart and the supervisor started again (after a pause, so a bug that
+/// panics at once cannot spin).
+async fn keep_supervising(ctx: SupervisorContext, stop: CancellationToken) {
+    loop {
+        let outcome = tokio::spawn(device::supervise(ctx.clone(), stop.clone())).await;
+        let why = match outcome {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => device::panic_text(e.into_panic()),
+            Err(e) => e.to_string(),
+        };
+        let dev = &ctx.dev;
+        tracing::error!(device = dev.name(), error = %why, "Device supervisor crashed; restarting it.");
+        dev.counters.restarts.fetch_add(1, Relaxed);
+        dev.set_state(&ctx.queue, State::Backoff, Some(format!("supervisor crashed: {why}")));
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                dev.set_state(&ctx.queue, State::Stopped, None);
+                return;
+            }
+            _ = tokio::time::sleep(RESTART_MIN) => {}
+        }
+    }
 }
 
 fn died(what: &'static str, r: Result<(), tokio::task::JoinError>) -> AppError {
@@ -310,30 +573,35 @@ async fn wait_with_progress<F: Future>(fut: F, deadline: Instant, who: impl Fn()
         tokio::select! {
             _ = &mut fut => return true,
             _ = tokio::time::sleep_until(deadline) => {
-                tracing::warn!(waiting_for = %who(), "Shutdown deadline reached.");
+                tracing::warn!(waiting_for = %who(), "Deadline reached.");
                 return false;
             }
-            _ = tick.tick() => tracing::info!(waiting_for = %who(), "Shutdown in progress."),
+            _ = tick.tick() => tracing::info!(waiting_for = %who(), "Still waiting."),
         }
     }
 }
 
-/// Publishes metrics every `metrics_interval` until draining starts (the sink then sends a
-/// final snapshot once the queue is drained).
+/// Publishes metrics every `metrics_interval` (re-read after a reload) until `stop`; at
+/// shutdown the sink sends a final snapshot once the queue is drained.
 async fn metrics_loop(
-    config: Config,
-    devices: Arc<[Arc<DeviceRuntime>]>,
+    config: Arc<RwLock<Config>>,
     shared: Arc<MqttShared>,
-    started: Instant,
-    draining: CancellationToken,
+    snapshot: Box<dyn Fn() -> Control + Send + Sync>,
+    stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(config.gateway.metrics_interval);
+    let period = || config.read().unwrap_or_else(std::sync::PoisonError::into_inner).gateway.metrics_interval;
+    let mut current = period();
+    let mut tick = tokio::time::interval(current);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
-            _ = draining.cancelled() => return,
-            _ = tick.tick() => shared.queue.push_control(metrics_message(&config, &devices, &shared, started)),
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => shared.queue.push_control(snapshot()),
+        }
+        if period() != current {
+            current = period();
+            tick = tokio::time::interval_at(Instant::now() + current, current);
         }
     }
 }
@@ -356,14 +624,8 @@ fn metrics_message(config: &Config, devices: &[Arc<DeviceRuntime>], shared: &Mqt
     Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false }
 }
 
-/// Incoming messages waiting for the command task.
-const INCOMING: usize = 32;
-
-const CONNECTION: &str = "mqtt-connection";
-const SINK: &str = "mqtt-sink";
-
-fn device_component(dev: &DeviceRuntime) -> String {
-    format!("device:{}", dev.name())
+fn device_component(name: &str) -> String {
+    format!("device:{name}")
 }
 
 /// Tells systemd (when it started us with `NOTIFY_SOCKET`); a no-op otherwise.
@@ -378,8 +640,8 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
 /// (the connection task keeps reporting in while it backs off).
 async fn notify_loop(
     live: Arc<Liveness>,
-    devices: Arc<[Arc<DeviceRuntime>]>,
-    shared: Arc<MqttShared>,
+    registry: Arc<Registry>,
+    current: watch::Receiver<Arc<MqttShared>>,
     draining: CancellationToken,
 ) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
@@ -398,6 +660,8 @@ async fn notify_loop(
             _ = draining.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let shared = Arc::clone(&current.borrow());
+        let devices = registry.snapshot();
         let up = devices.iter().filter(|d| d.status().state == State::Up).count();
         let (queued, _) = shared.queue.depth();
         let broker = match (shared.is_connected(), shared.client_id_conflict.load(Relaxed)) {

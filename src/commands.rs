@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::device::DeviceRuntime;
-use crate::homeassistant::Discovery;
+use crate::device::Registry;
+use crate::homeassistant::SharedDiscovery;
 use crate::queue::{Control, ReadingQueue};
 use crate::topics::Topics;
 
@@ -23,11 +23,11 @@ pub const COMMANDS: [&str; 4] = ["restart_device", "metrics", "config", "help"];
 pub struct CommandContext {
     pub queue: Arc<ReadingQueue>,
     pub topics: Topics,
-    pub devices: Arc<[Arc<DeviceRuntime>]>,
-    pub discovery: Option<Discovery>,
+    pub devices: Arc<Registry>,
+    pub discovery: SharedDiscovery,
     pub commands_enabled: bool,
-    /// The running configuration, secrets redacted.
-    pub config: Value,
+    /// The configuration in force (shown with secrets redacted).
+    pub config: Arc<std::sync::RwLock<crate::config::Config>>,
     pub metrics: Box<dyn Fn() -> Control + Send + Sync>,
 }
 
@@ -48,10 +48,14 @@ pub async fn run(ctx: CommandContext, mut rx: mpsc::Receiver<Publish>, stop: Can
 
 impl CommandContext {
     fn handle(&self, p: &Publish) {
-        if let Some(d) = self.discovery.as_ref().filter(|d| p.topic == d.status_topic) {
+        let birth = {
+            let d = self.discovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            d.as_ref().filter(|d| p.topic == d.status_topic).map(|d| d.messages())
+        };
+        if let Some(messages) = birth {
             if &p.payload[..] == b"online" {
                 tracing::info!("Home Assistant (re)started; publishing discovery again.");
-                for m in d.messages() {
+                for m in messages {
                     self.queue.push_control(m);
                 }
             }
@@ -88,7 +92,8 @@ impl CommandContext {
                 })?;
                 let dev = self
                     .devices
-                    .iter()
+                    .snapshot()
+                    .into_iter()
                     .find(|d| d.name() == wanted)
                     .ok_or_else(|| format!("no device {wanted:?}; devices: {}", self.device_names()))?;
                 dev.restart.notify_one();
@@ -100,14 +105,17 @@ impl CommandContext {
                 self.queue.push_control(m);
                 Ok(json!({"published": topic}))
             }
-            "config" => Ok(self.config.clone()),
+            "config" => {
+                let config = self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                Ok(redacted(config.source.as_ref()))
+            }
             "help" => Ok(json!({"commands": COMMANDS})),
             other => Err(format!("unknown command {other:?}; commands: {}", COMMANDS.join(", "))),
         }
     }
 
     fn device_names(&self) -> String {
-        self.devices.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ")
+        self.devices.snapshot().iter().map(|d| d.name().to_string()).collect::<Vec<_>>().join(", ")
     }
 }
 

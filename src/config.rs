@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 /// The whole gateway configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub gateway: GatewayConfig,
@@ -21,6 +21,8 @@ pub struct Config {
     pub homeassistant: HomeAssistantConfig,
     #[serde(default)]
     pub commands: CommandsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     /// `[[device]]` tables; at least one.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -30,7 +32,7 @@ pub struct Config {
 }
 
 /// Home Assistant MQTT discovery (device-based, Home Assistant 2024.11 or newer).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HomeAssistantConfig {
     #[serde(default)]
@@ -48,15 +50,35 @@ impl Default for HomeAssistantConfig {
     }
 }
 
+/// Logging (to stderr; the journal under systemd).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `RUST_LOG`-style filter, e.g. "info" or "info,sensorgate::mqtt=debug"; `RUST_LOG`
+    /// overrides it. Read at start (a reload does not change it).
+    #[serde(default = "d_log_filter")]
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: d_log_filter() }
+    }
+}
+
+fn d_log_filter() -> String {
+    "info".into()
+}
+
 /// Commands over MQTT (`<prefix>/<gateway>/cmd/<name>`); off unless enabled.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandsConfig {
     #[serde(default)]
     pub enabled: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Used in every topic and in the default MQTT client id.
@@ -69,7 +91,7 @@ pub struct GatewayConfig {
     pub shutdown_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     #[serde(default = "d_host")]
@@ -118,7 +140,7 @@ impl Default for MqttConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// Readings held while the broker is slow or away; the oldest go first when full.
@@ -138,7 +160,7 @@ impl Default for QueueConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     /// Used in topics and logs.
@@ -175,7 +197,7 @@ pub struct DeviceConfig {
 }
 
 /// One Home Assistant sensor entity: a field of the device's readings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntityConfig {
     /// The reading's field (for binary devices, a channel name).
@@ -208,7 +230,7 @@ impl DeviceConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelConfig {
     pub id: u8,
@@ -543,6 +565,13 @@ impl Config {
         }
         if ha.expire_after < Duration::from_secs(1) {
             p.push(Problem::new("homeassistant.expire_after", "must be at least 1s", "use e.g. \"5m\""));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.filter) {
+            p.push(Problem::new(
+                "log.filter",
+                format!("{:?} is not a log filter ({e})", self.log.filter),
+                "use a level (\"info\", \"debug\") or directives like \"info,sensorgate::mqtt=debug\"",
+            ));
         }
         if self.queue.max_bytes < 1024 {
             p.push(Problem::new("queue.max_bytes", "must be at least 1KiB", "use e.g. \"8MiB\""));

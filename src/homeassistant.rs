@@ -10,12 +10,27 @@ use crate::config::{Config, DeviceConfig, EntityConfig, Format};
 use crate::queue::Control;
 use crate::topics::Topics;
 
+/// The discovery in force (replaced by reloads), shared by the MQTT side and the commands.
+pub type SharedDiscovery = std::sync::Arc<std::sync::Mutex<Option<Discovery>>>;
+
 /// Builds discovery messages for one configuration.
 #[derive(Debug, Clone)]
 pub struct Discovery {
     /// `<discovery_prefix>/status`: Home Assistant's birth (`online`) and will (`offline`).
     pub status_topic: String,
     messages: Vec<Control>,
+}
+
+impl Discovery {
+    /// Empty retained payloads for the config topics in `self` that `next` no longer has:
+    /// Home Assistant removes those devices (a reload dropped them).
+    pub fn removals(&self, next: &Discovery) -> Vec<Control> {
+        self.messages
+            .iter()
+            .filter(|m| !next.messages.iter().any(|n| n.topic == m.topic))
+            .map(|m| Control { topic: m.topic.clone(), payload: Bytes::new(), retain: true })
+            .collect()
+    }
 }
 
 impl Discovery {
@@ -27,7 +42,7 @@ impl Discovery {
             json!({"topic": topics.state, "payload_available": "online", "payload_not_available": "offline"});
         let mut messages = Vec::new();
 
-        for (i, dev) in config.devices.iter().enumerate() {
+        for dev in &config.devices {
             let dev_id = object_id(&format!("{gw_id}_{}", dev.name));
             let mut cmps = Map::new();
             for e in entities(dev) {
@@ -54,10 +69,10 @@ impl Discovery {
                 "dev": {"ids": [dev_id], "name": dev.name, "mf": "sensorgate", "mdl": "serial sensor", "via_device": gw_id},
                 "o": origin,
                 "cmps": cmps,
-                "state_topic": topics.readings[i],
+                "state_topic": topics.readings(&dev.name),
                 "availability": [
                     gateway_availability,
-                    {"topic": topics.device_state[i], "value_template": "{{ 'online' if value_json.state == 'up' else 'offline' }}"},
+                    {"topic": topics.device_state(&dev.name), "value_template": "{{ 'online' if value_json.state == 'up' else 'offline' }}"},
                 ],
                 "availability_mode": "all",
                 "qos": config.mqtt.qos,

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -17,29 +17,43 @@ pub const BEAT_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Liveness {
     started: Instant,
-    parts: Vec<(String, AtomicU64)>,
+    parts: RwLock<Vec<(String, Arc<AtomicU64>)>>,
 }
 
-/// One component's handle for beating.
+/// One component's handle for beating; lock-free.
 #[derive(Debug, Clone)]
 pub struct Beat {
-    live: Arc<Liveness>,
-    index: usize,
+    started: Instant,
+    last_ms: Arc<AtomicU64>,
 }
 
 impl Liveness {
     /// A registry of the named components, all counted as alive now.
     pub fn new(names: impl IntoIterator<Item = String>) -> Arc<Self> {
-        Arc::new(Self { started: Instant::now(), parts: names.into_iter().map(|n| (n, AtomicU64::new(0))).collect() })
+        let live = Arc::new(Self { started: Instant::now(), parts: RwLock::default() });
+        for n in names {
+            live.beat_for(&n);
+        }
+        live
     }
 
-    /// The beat handle of the component named `name`.
-    ///
-    /// # Panics
-    /// If no component of that name was registered (a wiring bug).
-    pub fn beat_for(self: &Arc<Self>, name: &str) -> Beat {
-        let index = self.parts.iter().position(|(n, _)| n == name).unwrap_or_else(|| panic!("no component {name:?}"));
-        Beat { live: Arc::clone(self), index }
+    /// The beat handle of the component named `name`, registering it (as alive now) if new.
+    pub fn beat_for(&self, name: &str) -> Beat {
+        let mut parts = self.parts.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last_ms = match parts.iter().find(|(n, _)| n == name) {
+            Some((_, t)) => Arc::clone(t),
+            None => {
+                let t = Arc::new(AtomicU64::new(self.now_ms()));
+                parts.push((name.to_string(), Arc::clone(&t)));
+                t
+            }
+        };
+        Beat { started: self.started, last_ms }
+    }
+
+    /// Stops watching a component (a device removed by a reload).
+    pub fn retire(&self, name: &str) {
+        self.parts.write().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|(n, _)| n != name);
     }
 
     fn now_ms(&self) -> u64 {
@@ -47,21 +61,17 @@ impl Liveness {
     }
 
     /// Components whose last beat is older than `limit`.
-    pub fn stale(&self, limit: Duration) -> Vec<&str> {
+    pub fn stale(&self, limit: Duration) -> Vec<String> {
         let now = self.now_ms();
         let limit = limit.as_millis() as u64;
-        self.parts
-            .iter()
-            .filter(|(_, t)| now.saturating_sub(t.load(Relaxed)) > limit)
-            .map(|(n, _)| n.as_str())
-            .collect()
+        let parts = self.parts.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        parts.iter().filter(|(_, t)| now.saturating_sub(t.load(Relaxed)) > limit).map(|(n, _)| n.clone()).collect()
     }
 }
 
 impl Beat {
     pub fn beat(&self) {
-        let live = &self.live;
-        live.parts[self.index].1.store(live.now_ms(), Relaxed);
+        self.last_ms.store(self.started.elapsed().as_millis() as u64, Relaxed);
     }
 }
 
@@ -99,5 +109,14 @@ mod tests {
         assert_eq!(live.stale(Duration::from_secs(3)), ["b"]);
         b.beat();
         assert!(live.stale(Duration::from_secs(3)).is_empty());
+        // Components come and go with reloads.
+        let c = live.beat_for("c");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        a.beat();
+        b.beat();
+        assert_eq!(live.stale(Duration::from_secs(3)), ["c"]);
+        live.retire("c");
+        assert!(live.stale(Duration::from_secs(3)).is_empty());
+        drop(c);
     }
 }

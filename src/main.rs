@@ -81,7 +81,6 @@ enum SimFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
@@ -90,14 +89,16 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(&e),
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => return config_failure(&e),
             };
-            exit_from(runtime().and_then(|rt| rt.block_on(run(config))))
+            init_logging(cli.log_format, &config.log.filter);
+            exit_from(runtime().and_then(|rt| rt.block_on(run(config, path))))
         }
         Command::Simulate { link, port, baud, framing, format, rate, count, start } => {
+            init_logging(cli.log_format, "info");
             let spec = match framing {
                 SimFraming::Cobs => SimSpec { framing: Framing::Cobs, format: Format::Postcard },
                 SimFraming::Lines => SimSpec {
@@ -129,24 +130,107 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
-fn init_logging(format: LogFormat) {
+/// `RUST_LOG` wins over the config's `log.filter`. Under systemd (stderr is the journal
+/// stream) text lines carry no timestamp (journald adds one) and start with a syslog priority
+/// prefix (`<3>` for ERROR … `<7>` for DEBUG), so `journalctl -p err` works.
+fn init_logging(format: LogFormat, config_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(config_filter));
     // Colour only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
-        LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+        LogFormat::Text if stderr_is_journal() => {
+            let plain = tracing_subscriber::fmt::format().without_time().with_ansi(false);
+            builder.with_ansi(false).event_format(journal::PriorityPrefix(plain)).init();
+        }
+        LogFormat::Text => builder.init(),
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let report = sensorgate::app::run(config, shutdown_signal()).await?;
+/// systemd sets `JOURNAL_STREAM=<dev>:<inode>` for the journal stream it connects to stderr.
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsRawFd;
+    let Some(expected) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    // SAFETY: fstat writes into the struct we pass; zeroed is a valid initial value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: stderr's descriptor is valid for the whole process.
+    if unsafe { libc::fstat(std::io::stderr().as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    expected.to_string_lossy() == format!("{}:{}", st.st_dev, st.st_ino)
+}
+
+mod journal {
+    use tracing::{Event, Level, Subscriber};
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// Prefixes each line with its syslog priority, which journald turns into the entry's.
+    pub struct PriorityPrefix<F>(pub F);
+
+    impl<S, N, F> FormatEvent<S, N> for PriorityPrefix<F>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+        F: FormatEvent<S, N>,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut writer: Writer<'_>,
+            event: &Event<'_>,
+        ) -> std::fmt::Result {
+            let priority = match *event.metadata().level() {
+                Level::ERROR => 3,
+                Level::WARN => 4,
+                Level::INFO => 6,
+                Level::DEBUG | Level::TRACE => 7,
+            };
+            write!(writer, "<{priority}>")?;
+            self.0.format_event(ctx, writer, event)
+        }
+    }
+}
+
+async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+    let hup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    tokio::spawn(reload_on_sighup(hup, path, reload_tx));
+    let hooks = sensorgate::app::Hooks::default();
+    let report = sensorgate::app::run_reloadable(config, shutdown_signal(), reloads, hooks).await?;
     if report.lost() > 0 {
         tracing::warn!(lost = report.lost(), "Stopped with undelivered readings (see the lines above).");
     }
     Ok(())
+}
+
+/// SIGHUP (systemctl reload): re-read and validate the file; a valid config goes to the
+/// gateway, an invalid one is refused with every problem logged and the old one kept.
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    path: PathBuf,
+    reloads: tokio::sync::mpsc::Sender<Config>,
+) {
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP received: reloading the configuration.");
+        match Config::load(&path) {
+            Ok(config) => {
+                if reloads.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                for line in e.to_string().lines().skip(1) {
+                    tracing::error!(problem = %line, "Invalid configuration.");
+                }
+                tracing::error!(error = %e.to_string().lines().next().unwrap_or_default(), "Reload refused; still running on the previous configuration.");
+            }
+        }
+    }
 }
 
 /// SIGTERM (systemd stop) or SIGINT (Ctrl-C).

@@ -119,9 +119,9 @@ pub fn snapshot<'a>(
     let devices = devices
         .iter()
         .zip(counters)
-        .zip(lanes)
-        .map(|((d, (frames_in, rejected)), lane)| {
+        .map(|(d, (frames_in, rejected))| {
             let c = &d.counters;
+            let lane = lanes.get(d.index).copied().unwrap_or_default();
             let last = c.last_reading_us.load(Relaxed);
             let m = DeviceMetrics {
                 state: d.status().state,

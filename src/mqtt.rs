@@ -59,6 +59,8 @@ pub struct MqttShared {
     /// Incoming publishes, for the command task. Bounded; overflow is counted and dropped.
     incoming: Option<mpsc::Sender<Publish>>,
     pub incoming_dropped: AtomicU64,
+    /// Readings topics by queue lane, built as lanes appear.
+    reading_topics: std::sync::Mutex<Vec<String>>,
     /// Connections closed right after CONNACK, in a row.
     pub kicked_in_a_row: AtomicU64,
     pub client_id_conflict: AtomicBool,
@@ -87,6 +89,7 @@ impl MqttShared {
             subscriptions: Vec::new(),
             incoming: None,
             incoming_dropped: AtomicU64::new(0),
+            reading_topics: std::sync::Mutex::default(),
             kicked_in_a_row: AtomicU64::new(0),
             client_id_conflict: AtomicBool::new(false),
             on_connect,
@@ -101,6 +104,16 @@ impl MqttShared {
         self.subscriptions = filters;
         self.incoming = Some(incoming);
         self
+    }
+
+    /// The readings topic of a queue lane.
+    fn reading_topic(&self, lane: usize) -> String {
+        let mut topics = self.reading_topics.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while topics.len() <= lane {
+            let name = self.queue.lane_name(topics.len());
+            topics.push(self.topics.readings(&name));
+        }
+        topics[lane].clone()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -285,6 +298,7 @@ pub async fn run_sink(
     shared: Arc<MqttShared>,
     beat: Beat,
     draining: CancellationToken,
+    switching: CancellationToken,
     hard_stop: CancellationToken,
 ) {
     let mut connected = shared.connected.subscribe();
@@ -296,10 +310,20 @@ pub async fn run_sink(
             return;
         }
         beat.beat();
+        if switching.is_cancelled() {
+            // A reload changed the MQTT settings: leave cleanly (no last will), no drain: the
+            // queue and the ledger carry over to the next connection.
+            let _gate = shared.gate.lock().await;
+            if connected.borrow().up {
+                let _ = liveness::beating(&beat, &mut tick, client.disconnect()).await;
+            }
+            return;
+        }
         if !connected.borrow_and_update().up {
             tokio::select! {
                 biased;
                 _ = hard_stop.cancelled() => return,
+                _ = switching.cancelled() => {}
                 _ = liveness::beating(&beat, &mut tick, connected.changed()) => {}
             }
             continue;
@@ -322,7 +346,7 @@ pub async fn run_sink(
         }
         if let Some(out) = shared.queue.pop_next() {
             let (topic, payload, retain) = match out {
-                Outbound::Reading { device, payload } => (shared.topics.readings[device].clone(), payload, false),
+                Outbound::Reading { device, payload } => (shared.reading_topic(device), payload, false),
                 Outbound::Control(c) => (c.topic, c.payload, c.retain),
             };
             // Waits only while rumqttc's tiny channel is full; a connection error empties it.
@@ -350,6 +374,7 @@ pub async fn run_sink(
         tokio::select! {
             biased;
             _ = hard_stop.cancelled() => return,
+            _ = switching.cancelled() => {}
             _ = tick.tick() => {}
             _ = shared.queue.notified() => {}
             _ = connected.changed() => {}

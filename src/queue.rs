@@ -12,7 +12,7 @@
 //! (counted as `republished`), because rumqttc forgets them when the broker has no session.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -70,12 +70,24 @@ enum InFlight {
 
 #[derive(Debug, Default)]
 struct Lane {
+    /// The device this lane belongs to; lanes outlive a device removed by a reload, until
+    /// their readings are delivered.
+    name: Arc<str>,
     items: VecDeque<Entry>,
     stats: LaneStats,
 }
 
+/// The queue's bounds; see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bounds {
+    max_len: usize,
+    max_bytes: usize,
+    max_age: Option<Duration>,
+}
+
 #[derive(Debug)]
 struct Inner {
+    bounds: Bounds,
     lanes: Vec<Lane>,
     len: usize,
     bytes: usize,
@@ -94,9 +106,6 @@ struct Inner {
 pub struct ReadingQueue {
     inner: Mutex<Inner>,
     notify: Notify,
-    max_len: usize,
-    max_bytes: usize,
-    max_age: Option<Duration>,
 }
 
 /// What a push did, for the caller to log.
@@ -108,10 +117,12 @@ pub struct PushOutcome {
 }
 
 impl ReadingQueue {
-    /// A queue for `devices` lanes. `max_inflight` is the MQTT in-flight window.
+    /// A queue with `devices` lanes (named by number; see [`add_lane`](Self::add_lane) for
+    /// named ones). `max_inflight` is the MQTT in-flight window.
     pub fn new(devices: usize, max_len: usize, max_bytes: usize, max_age: Option<Duration>, max_inflight: u16) -> Self {
         let inner = Inner {
-            lanes: (0..devices).map(|_| Lane::default()).collect(),
+            bounds: Bounds { max_len: max_len.max(1), max_bytes, max_age },
+            lanes: (0..devices).map(|i| Lane { name: i.to_string().into(), ..Lane::default() }).collect(),
             len: 0,
             bytes: 0,
             next_seq: 0,
@@ -120,7 +131,35 @@ impl ReadingQueue {
             awaiting_ack: (0..=max_inflight).map(|_| None).collect(),
             collided: None,
         };
-        Self { inner: Mutex::new(inner), notify: Notify::new(), max_len: max_len.max(1), max_bytes, max_age }
+        Self { inner: Mutex::new(inner), notify: Notify::new() }
+    }
+
+    /// The lane of device `name`: its existing one (a device removed and added back by
+    /// reloads keeps its lane), or a new one.
+    pub fn add_lane(&self, name: &str) -> usize {
+        let mut q = self.lock();
+        if let Some(i) = q.lanes.iter().position(|l| &*l.name == name) {
+            return i;
+        }
+        q.lanes.push(Lane { name: name.into(), ..Lane::default() });
+        q.lanes.len() - 1
+    }
+
+    /// The device name of a lane.
+    pub fn lane_name(&self, lane: usize) -> Arc<str> {
+        Arc::clone(&self.lock().lanes[lane].name)
+    }
+
+    /// New bounds (a reload): what no longer fits is evicted oldest first and counted.
+    pub fn set_bounds(&self, max_len: usize, max_bytes: usize, max_age: Option<Duration>) -> u32 {
+        let mut q = self.lock();
+        q.bounds = Bounds { max_len: max_len.max(1), max_bytes, max_age };
+        let heaviest = (0..q.lanes.len()).max_by_key(|&i| q.lanes[i].stats.queued).unwrap_or(0);
+        if q.lanes.is_empty() {
+            0
+        } else {
+            q.enforce_bounds(heaviest)
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -142,7 +181,7 @@ impl ReadingQueue {
         lane.stats.queued += 1;
         lane.stats.queued_bytes += size as u64;
         lane.items.push_back(Entry { seq, payload, at: now });
-        let evicted = q.enforce_bounds(device, self.max_len, self.max_bytes);
+        let evicted = q.enforce_bounds(device);
         drop(q);
         self.notify.notify_one();
         PushOutcome { evicted }
@@ -196,8 +235,9 @@ impl ReadingQueue {
         loop {
             let device = q.lanes.iter().enumerate().filter_map(|(i, l)| Some((l.items.front()?.seq, i))).min()?.1;
             let entry = q.take_front(device).expect("lane has a front");
+            let max_age = q.bounds.max_age;
             let lane = &mut q.lanes[device];
-            if self.max_age.is_some_and(|age| entry.at.elapsed() > age) {
+            if max_age.is_some_and(|age| entry.at.elapsed() > age) {
                 lane.stats.expired += 1;
                 continue;
             }
@@ -281,7 +321,7 @@ impl ReadingQueue {
             lane.items.push_front(entry);
         }
         if let Some(d) = last_device {
-            q.enforce_bounds(d, self.max_len, self.max_bytes);
+            q.enforce_bounds(d);
         }
         drop(q);
         if n > 0 {
@@ -332,7 +372,8 @@ impl Inner {
 
     /// Evicts oldest readings until both bounds hold. Ties go to `pusher`, so a device
     /// flooding alone evicts only itself.
-    fn enforce_bounds(&mut self, pusher: usize, max_len: usize, max_bytes: usize) -> u32 {
+    fn enforce_bounds(&mut self, pusher: usize) -> u32 {
+        let Bounds { max_len, max_bytes, .. } = self.bounds;
         let mut evicted = 0;
         while self.len > max_len || self.bytes > max_bytes {
             let by_bytes = self.len <= max_len;
@@ -497,6 +538,22 @@ mod tests {
         assert_eq!(reading_of(q.pop_next().unwrap()), payload(0, 2));
         let s = q.stats()[0];
         assert_eq!((s.expired, s.in_flight, s.queued), (2, 1, 0));
+    }
+
+    #[test]
+    fn lanes_are_named_and_reused_and_bounds_can_shrink() {
+        let q = ReadingQueue::new(0, 10, 1 << 20, None, 10);
+        let a = q.add_lane("a");
+        let b = q.add_lane("b");
+        assert_eq!((a, b, q.add_lane("a")), (0, 1, 0));
+        assert_eq!(&*q.lane_name(b), "b");
+        for n in 0..8 {
+            q.push(a, payload(a, n));
+        }
+        q.push(b, payload(b, 0));
+        assert_eq!(q.set_bounds(5, 1 << 20, None), 4);
+        let s = q.stats();
+        assert_eq!((s[a].queued, s[a].dropped_oldest, s[b].queued), (4, 4, 1));
     }
 
     #[test]

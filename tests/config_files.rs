@@ -30,6 +30,7 @@ fn example_config_shows_the_real_defaults() {
     assert_eq!(format!("{:?}", e.queue), format!("{:?}", m.queue));
     assert_eq!(format!("{:?}", e.homeassistant), format!("{:?}", m.homeassistant));
     assert_eq!(format!("{:?}", e.commands), format!("{:?}", m.commands));
+    assert_eq!(e.log, m.log);
     let (ed, md) = (&e.devices[0], &m.devices[0]);
     assert_eq!(
         (ed.baud, ed.data_bits, ed.parity, ed.stop_bits, ed.flow_control, ed.idle_timeout, ed.open_timeout),

@@ -331,3 +331,35 @@ async fn the_simulate_command_feeds_the_gateway_through_a_linked_pty() {
     }
     assert!(!kv.exists(), "the simulator removes its link when it stops");
 }
+
+#[test]
+#[allow(clippy::disallowed_methods)] // A plain test thread, not a tokio worker.
+fn under_systemd_log_lines_carry_priorities_and_no_timestamps() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = common::tempdir();
+    let config = dir.path().join("gw.toml");
+    // No broker and no port: enough to log a few lines at several levels.
+    let text = gateway_toml(common::free_port(), &device_toml("a", &dir.path().join("none"), LINES_JSON, ""));
+    std::fs::write(&config, text.replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"300ms\"")).unwrap();
+    let log = dir.path().join("journal");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .env_remove("RUST_LOG")
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.iter().all(|l| l.starts_with('<') && l.as_bytes()[2] == b'>'), "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("<6>") && l.contains("Gateway running.")), "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("<4>") && l.contains("cannot open")), "{text}");
+    assert!(!text.contains("2026-") && !text.contains("\x1b["), "no timestamps, no colour: {text}");
+}

@@ -55,13 +55,16 @@ pub struct Status {
     pub last_error: Option<String>,
 }
 
-/// Shared, long-lived facts about one device: config, counters, current status.
+/// Shared facts about one device: config, counters, current status. A reload that changes a
+/// device's config replaces its runtime but hands over the counters and status, so metrics
+/// stay monotonic.
 pub struct DeviceRuntime {
+    /// The device's lane in the queue.
     pub index: usize,
     pub config: DeviceConfig,
-    pub counters: DeviceCounters,
+    pub counters: Arc<DeviceCounters>,
     state_topic: String,
-    status: Mutex<Status>,
+    status: Arc<Mutex<Status>>,
     /// Asks the supervisor to close and reopen the port now (the `restart_device` command).
     pub restart: tokio::sync::Notify,
 }
@@ -72,9 +75,21 @@ impl DeviceRuntime {
         Self {
             index,
             config,
-            counters: DeviceCounters::default(),
+            counters: Arc::default(),
             state_topic,
-            status: Mutex::new(status),
+            status: Arc::new(Mutex::new(status)),
+            restart: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The runtime for a new config of the same device, keeping counters and status.
+    pub fn with_config(&self, config: DeviceConfig) -> Self {
+        Self {
+            index: self.index,
+            config,
+            counters: Arc::clone(&self.counters),
+            state_topic: self.state_topic.clone(),
+            status: Arc::clone(&self.status),
             restart: tokio::sync::Notify::new(),
         }
     }
@@ -108,6 +123,24 @@ impl DeviceRuntime {
     pub fn state_message(&self, status: &Status) -> Control {
         let payload = serde_json::to_vec(status).expect("status serialises");
         Control { topic: self.state_topic.clone(), payload: Bytes::from(payload), retain: true }
+    }
+}
+
+/// The devices currently configured, for the tasks that report on all of them.
+#[derive(Default)]
+pub struct Registry {
+    devices: std::sync::RwLock<Vec<Arc<DeviceRuntime>>>,
+}
+
+impl Registry {
+    /// The devices now, in config order.
+    pub fn snapshot(&self) -> Vec<Arc<DeviceRuntime>> {
+        self.devices.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the set (start-up and reloads).
+    pub fn set(&self, devices: Vec<Arc<DeviceRuntime>>) {
+        *self.devices.write().unwrap_or_else(std::sync::PoisonError::into_inner) = devices;
     }
 }
 

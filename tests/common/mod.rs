@@ -56,6 +56,9 @@ impl Mosquitto {
         self.stop();
         let conf = self.dir.path().join("mosquitto.conf");
         let persistence = if self.persistent {
+            // mosquitto started as root drops to its own user: let that user write its database.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
             format!("persistence true\npersistence_location {}/\nautosave_interval 0\n", self.dir.path().display())
         } else {
             "persistence false\n".to_string()
@@ -268,6 +271,9 @@ impl Subscriber {
                 match eventloop.poll().await {
                     // After a broker restart without our session, subscribe again.
                     Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                        if std::env::var_os("SG_TEST_DEBUG").is_some() {
+                            eprintln!("subscriber connected, session_present={}", ack.session_present);
+                        }
                         if !std::mem::take(&mut first) && !ack.session_present {
                             let _ = resub.try_subscribe(filter.clone(), QoS::AtLeastOnce);
                         }

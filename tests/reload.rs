@@ -1,0 +1,154 @@
+//! SIGHUP reload, end to end: only changed devices restart, queued readings survive, MQTT
+//! reconnects only when its settings change, and an invalid file changes nothing.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{write_all, Gateway, Mosquitto, Subscriber};
+use sensorgate::config::{Format, Framing};
+use sensorgate::simulate::{PtyLink, SimSpec};
+use serde_json::Value;
+
+const JSON: SimSpec = SimSpec { framing: Framing::Lines, format: Format::Json };
+
+fn lines(range: std::ops::Range<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for n in range {
+        JSON.render(n, common::now_us(), &mut out);
+    }
+    out
+}
+
+fn config(port: u16, devices: &[(&str, &Path, &str)]) -> String {
+    let mut c = format!(
+        "[gateway]\nid = \"it\"\nmetrics_interval = \"200ms\"\n[mqtt]\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"300ms\"\n"
+    );
+    for (name, path, extra) in devices {
+        c += &format!("[[device]]\nname = \"{name}\"\npath = \"{}\"\nframing = \"lines\"\n{extra}\n", path.display());
+    }
+    c
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+async fn metrics_where(sub: &mut Subscriber, pred: impl Fn(&Value) -> bool) -> Value {
+    sub.wait_for(Duration::from_secs(10), |m| m.topic == "sensorgate/it/metrics" && pred(&m.json())).await.0.json()
+}
+
+async fn reload(gw: &Gateway, text: &str, expect: &str) -> Value {
+    std::fs::write(&gw.config, text).unwrap();
+    let before = gw.log_records(expect).len();
+    gw.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = gw.log_records(expect);
+        if records.len() > before {
+            return records.last().unwrap().clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no {expect:?} after SIGHUP:\n{}", gw.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_restarts_only_what_changed_and_refuses_a_bad_file() {
+    let dir = common::tempdir();
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
+    let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    let (mut pa, mut pb, mut pc) =
+        (PtyLink::create(&a).unwrap(), PtyLink::create(&b).unwrap(), PtyLink::create(&c).unwrap());
+    let mut gw = Gateway::start_with_args(
+        dir.path(),
+        &config(broker.port, &[("a", &a, ""), ("b", &b, "")]),
+        &["--log-format", "json"],
+    );
+    write_all(&mut pa.master, &lines(0..10)).await;
+    write_all(&mut pb.master, &lines(0..10)).await;
+    metrics_where(&mut sub, |m| m["devices"]["a"]["delivered"] == 10 && m["devices"]["b"]["delivered"] == 10).await;
+
+    // b changes, c is new, a stays as it is.
+    let next = config(broker.port, &[("a", &a, ""), ("b", &b, "idle_timeout = \"1h\""), ("c", &c, "")]);
+    let done = reload(&gw, &next, "Configuration reloaded.").await;
+    assert_eq!((n(&done, "started"), n(&done, "stopped"), n(&done, "restarted")), (1, 0, 1), "{done}");
+    assert_eq!(done["mqtt_reconnected"], false);
+    write_all(&mut pa.master, &lines(10..20)).await;
+    write_all(&mut pb.master, &lines(10..20)).await;
+    write_all(&mut pc.master, &lines(0..10)).await;
+    let m = metrics_where(&mut sub, |m| {
+        m["devices"]["a"]["delivered"] == 20
+            && m["devices"]["b"]["delivered"] == 20
+            && m["devices"]["c"]["delivered"] == 10
+    })
+    .await;
+    assert_eq!(n(&m["devices"]["a"], "restarts"), 0, "an unchanged device is not touched");
+    assert_eq!(n(&m["devices"]["b"], "readings"), 20, "a restarted device keeps its counters");
+    assert_eq!(n(&m["mqtt"], "reconnects"), 0, "MQTT settings did not change: no reconnect");
+
+    // A broken file: refused, every problem logged, nothing changes.
+    let refused = reload(
+        &gw,
+        &(next.clone() + "bogus_key = 1\n"),
+        "Reload refused; still running on the previous configuration.",
+    )
+    .await;
+    assert!(refused["error"].as_str().unwrap().contains("sensorgate.toml"), "{refused}");
+    let problems = gw.log_records("Invalid configuration.");
+    assert!(problems.iter().any(|p| p["problem"].as_str().unwrap().contains("bogus_key")), "{problems:?}");
+    write_all(&mut pc.master, &lines(10..15)).await;
+    metrics_where(&mut sub, |m| m["devices"]["c"]["delivered"] == 15).await;
+
+    // Removing b stops it (retained state `stopped`); the rest goes on.
+    let fewer = config(broker.port, &[("a", &a, ""), ("c", &c, "")]);
+    let done = reload(&gw, &fewer, "Configuration reloaded.").await;
+    assert_eq!((n(&done, "started"), n(&done, "stopped"), n(&done, "restarted")), (0, 1, 0), "{done}");
+    sub.wait_for(Duration::from_secs(5), |m| {
+        m.topic == "sensorgate/it/devices/b/state" && m.json()["state"] == "stopped"
+    })
+    .await;
+    let m = metrics_where(&mut sub, |_| true).await;
+    assert!(m["devices"].get("b").is_none());
+
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait(Duration::from_secs(10)).success());
+    drop((pa, pb, pc));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_broker_address_reconnects_and_keeps_the_queued_readings() {
+    let dir = common::tempdir();
+    let mut old = Mosquitto::start();
+    let new = Mosquitto::start();
+    let mut sub_old = Subscriber::connect(old.port, "sensorgate/it/#").await;
+    let mut sub_new = Subscriber::connect(new.port, "sensorgate/it/devices/+/readings").await;
+    let a = dir.path().join("a");
+    let mut pa = PtyLink::create(&a).unwrap();
+    let mut gw = Gateway::start_with_args(dir.path(), &config(old.port, &[("a", &a, "")]), &["--log-format", "json"]);
+    write_all(&mut pa.master, &lines(0..5)).await;
+    metrics_where(&mut sub_old, |m| m["devices"]["a"]["delivered"] == 5).await;
+
+    // The old broker goes away; readings queue up.
+    old.stop();
+    write_all(&mut pa.master, &lines(5..50)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The operator points the gateway at the new broker.
+    let done = reload(&gw, &config(new.port, &[("a", &a, "")]), "Configuration reloaded.").await;
+    assert_eq!(done["mqtt_reconnected"], true, "{done}");
+    assert_eq!((n(&done, "started"), n(&done, "stopped"), n(&done, "restarted")), (0, 0, 0));
+    let mut got = Vec::new();
+    while got.len() < 45 {
+        let (m, _) = sub_new.wait_for(Duration::from_secs(10), |_| true).await;
+        got.push(m.json()["n"].as_u64().unwrap());
+    }
+    assert_eq!(got, (5..50).collect::<Vec<u64>>(), "every queued reading, in order, at the new broker");
+
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait(Duration::from_secs(10)).success());
+    let fin = &gw.log_records("Final accounting.")[0];
+    assert_eq!((n(fin, "readings"), n(fin, "delivered"), n(fin, "lost")), (50, 50, 0), "{fin}");
+    drop(pa);
+}
