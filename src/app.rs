@@ -618,6 +618,8 @@ fn metrics_message(config: &Config, devices: &[Arc<DeviceRuntime>], shared: &Mqt
             kicked_after_connect: shared.kicked_in_a_row.load(Relaxed),
             client_id_conflict: shared.client_id_conflict.load(Relaxed),
             incoming_dropped: shared.incoming_dropped.load(Relaxed),
+            connection_errors: shared.connection_errors.load(Relaxed),
+            last_error: shared.last_error(),
         },
     );
     let payload = serde_json::to_vec(&m).expect("metrics serialise");
@@ -670,6 +672,9 @@ async fn notify_loop(
             (false, false) => "disconnected",
         };
         let mut status = format!("{up}/{} devices up, {queued} readings queued, broker {broker}", devices.len());
+        if let (false, Some(e)) = (shared.is_connected(), shared.last_error()) {
+            status += &format!(" ({e})");
+        }
         let stale = live.stale(limit);
         if stale.is_empty() {
             if was_stale {

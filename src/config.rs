@@ -4,6 +4,7 @@
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -119,6 +120,89 @@ pub struct MqttConfig {
     pub reconnect_min: Duration,
     #[serde(default = "d_backoff_max", deserialize_with = "de_duration")]
     pub reconnect_max: Duration,
+    /// `[mqtt.tls]`: connect with TLS (mqtts); absent means plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS to the broker (rustls with the ring provider). The broker's certificate is checked
+/// against `ca_file` (or the system's CA store) and against `mqtt.host` as its name.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificate(s) the broker's certificate chains to; default: the
+    /// system's store (/etc/ssl/certs).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), for brokers that require one; needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+}
+
+impl MqttConfig {
+    /// The password from `password_file` (trailing newline removed), if credentials are set.
+    /// A relative path is looked up in `$CREDENTIALS_DIRECTORY`, where systemd's
+    /// `LoadCredential=` puts files for the service.
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub fn password(&self) -> std::io::Result<Option<String>> {
+        let Some(file) = &self.password_file else { return Ok(None) };
+        let path = match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) if file.is_relative() => Path::new(&dir).join(file),
+            _ => file.clone(),
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{} cannot be read: {e}", path.display())))?;
+        Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
+    }
+}
+
+impl TlsConfig {
+    /// The rustls client configuration (ring provider; no C toolchain beyond ring's own).
+    ///
+    /// # Errors
+    /// A file cannot be read or holds no usable PEM certificate or key.
+    pub fn client_config(&self) -> std::io::Result<rustls::ClientConfig> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what} {}: {e}", path.display()))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| bad("ca_file", path, &e))?;
+                if certs.is_empty() {
+                    return Err(bad("ca_file", path, &"no PEM certificate in it"));
+                }
+                for c in certs {
+                    roots.add(c).map_err(|e| bad("ca_file", path, &e))?;
+                }
+            }
+            None => {
+                for c in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(c);
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(std::io::Error::other)?
+            .with_root_certificates(roots);
+        match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| bad("client_cert", cert, &e))?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad("client_key", key, &e))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| bad("client_cert", cert, &e))
+            }
+            _ => Ok(builder.with_no_client_auth()),
+        }
+    }
 }
 
 impl Default for MqttConfig {
@@ -136,6 +220,7 @@ impl Default for MqttConfig {
             inflight: d_inflight(),
             reconnect_min: d_backoff_min(),
             reconnect_max: d_backoff_max(),
+            tls: None,
         }
     }
 }
@@ -541,16 +626,27 @@ impl Config {
                 "is given without mqtt.username",
                 "add mqtt.username, or remove mqtt.password_file",
             )),
-            (_, Some(f)) => {
-                if let Err(e) = std::fs::File::open(f) {
+            (_, Some(_)) => {
+                if let Err(e) = self.mqtt.password() {
                     p.push(Problem::new(
                         "mqtt.password_file",
-                        format!("{} cannot be read: {e}", f.display()),
-                        "check the path and that the gateway's user may read it",
+                        e.to_string(),
+                        "check the path (relative paths are looked up in $CREDENTIALS_DIRECTORY) and that the gateway's user may read it",
                     ));
                 }
             }
             _ => {}
+        }
+        if let Some(tls) = &m.tls {
+            if tls.client_cert.is_some() != tls.client_key.is_some() {
+                p.push(Problem::new(
+                    "mqtt.tls.client_cert",
+                    "client_cert and client_key go together",
+                    "give both (a certificate and its private key), or neither",
+                ));
+            } else if let Err(e) = tls.client_config() {
+                p.push(Problem::new("mqtt.tls", e.to_string(), "point the mqtt.tls files at readable PEM files"));
+            }
         }
         let ha = &self.homeassistant;
         if ha.discovery_prefix.is_empty()

@@ -37,6 +37,10 @@ pub struct MqttMetrics {
     pub client_id_conflict: bool,
     /// Incoming messages (commands) dropped because they arrived faster than handled.
     pub incoming_dropped: u64,
+    /// Failed connection attempts and dropped connections so far.
+    pub connection_errors: u64,
+    /// The most recent of them (e.g. a TLS certificate error); absent if none yet.
+    pub last_error: Option<String>,
 }
 
 /// The gateway process itself.

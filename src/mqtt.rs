@@ -64,6 +64,10 @@ pub struct MqttShared {
     /// Connections closed right after CONNACK, in a row.
     pub kicked_in_a_row: AtomicU64,
     pub client_id_conflict: AtomicBool,
+    /// Why the last connection attempt failed or the connection dropped (kept after
+    /// recovery, so the metrics can show what happened).
+    last_error: std::sync::Mutex<Option<String>>,
+    pub connection_errors: AtomicU64,
     /// Retained gateway and device state to send on every (re)connect.
     on_connect: Box<dyn Fn() -> Vec<Control> + Send + Sync>,
     /// The last messages before `offline` at shutdown (the final metrics).
@@ -92,6 +96,8 @@ impl MqttShared {
             reading_topics: std::sync::Mutex::default(),
             kicked_in_a_row: AtomicU64::new(0),
             client_id_conflict: AtomicBool::new(false),
+            last_error: std::sync::Mutex::default(),
+            connection_errors: AtomicU64::new(0),
             on_connect,
             on_drained,
             reconnects: AtomicU64::new(0),
@@ -116,6 +122,15 @@ impl MqttShared {
         topics[lane].clone()
     }
 
+    /// The most recent connection error, if there was one.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn set_last_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = e;
+    }
+
     pub fn is_connected(&self) -> bool {
         self.connected.borrow().up
     }
@@ -138,11 +153,11 @@ pub fn client(config: &Config, topics: &Topics) -> std::io::Result<(AsyncClient,
         .set_max_packet_size(256 * 1024, 256 * 1024)
         .set_last_will(LastWill::new(&topics.state, "offline", QoS::AtLeastOnce, true));
     if let Some(user) = &m.username {
-        let password = match &m.password_file {
-            Some(path) => std::fs::read_to_string(path)?.trim_end_matches(['\r', '\n']).to_string(),
-            None => String::new(),
-        };
-        opts.set_credentials(user.clone(), password);
+        opts.set_credentials(user.clone(), m.password()?.unwrap_or_default());
+    }
+    if let Some(tls) = &m.tls {
+        let config = tls.client_config()?;
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(config))));
     }
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CHANNEL);
     let mut net = rumqttc::NetworkOptions::new();
@@ -210,6 +225,8 @@ pub async fn run_connection(
                     backoff.reset();
                 }
                 note_kick(&shared, lasted, &client_id);
+                shared.set_last_error(Some(e.to_string()));
+                shared.connection_errors.fetch_add(1, Relaxed);
                 let requeued = reset_after_error(&mut eventloop, &shared).await;
                 let delay = backoff.next_delay();
                 log_connection_error(&e, was_connected, failures, requeued, delay);
@@ -279,6 +296,11 @@ fn log_connection_error(e: &ConnectionError, was_connected: bool, failures: u64,
             code = ?code, retry_ms,
             "The broker refused the connection; check mqtt.username, mqtt.password_file and the broker's ACLs."
         ),
+        // A certificate problem does not fix itself: say so every time, at ERROR.
+        _ if is_tls_failure(e) => tracing::error!(
+            error = %e, retry_ms,
+            "TLS handshake with the broker failed; check mqtt.tls.ca_file, the broker certificate's name (mqtt.host) and dates."
+        ),
         _ if was_connected => {
             tracing::warn!(error = %e, requeued, retry_ms, "Lost the MQTT connection; readings in flight will be sent again.")
         }
@@ -287,6 +309,16 @@ fn log_connection_error(e: &ConnectionError, was_connected: bool, failures: u64,
             tracing::warn!(error = %e, attempt = failures, retry_ms, "Cannot connect to the MQTT broker.")
         }
         _ => tracing::debug!(error = %e, attempt = failures, retry_ms, "Cannot connect to the MQTT broker."),
+    }
+}
+
+/// rumqttc reports handshake failures either as its own TLS error or as an I/O error that
+/// wraps rustls' (certificate expired, wrong name, unknown issuer).
+fn is_tls_failure(e: &ConnectionError) -> bool {
+    match e {
+        ConnectionError::Tls(_) => true,
+        ConnectionError::Io(io) => io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()),
+        _ => false,
     }
 }
 

@@ -35,6 +35,8 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     persistent: bool,
+    /// More configuration (e.g. a TLS listener), appended after the plain listener.
+    extra: String,
 }
 
 impl Mosquitto {
@@ -45,8 +47,13 @@ impl Mosquitto {
     /// With `persistent`, sessions and queued messages survive a graceful stop
     /// ([`stop_gracefully`](Self::stop_gracefully)): a persistent subscriber misses nothing.
     pub fn start_with(persistent: bool) -> Self {
+        Self::start_custom(persistent, String::new())
+    }
+
+    /// With extra configuration lines, e.g. a second (TLS) listener.
+    pub fn start_custom(persistent: bool, extra: String) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = Self { child: None, port: free_port(), dir, persistent };
+        let mut m = Self { child: None, port: free_port(), dir, persistent, extra };
         m.restart();
         m
     }
@@ -66,8 +73,8 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 1000000\nset_tcp_nodelay true\n",
-                self.port
+                "listener {} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 1000000\nset_tcp_nodelay true\n{}\n",
+                self.port, self.extra
             ),
         )
         .unwrap();
