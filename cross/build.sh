@@ -4,16 +4,17 @@
 #
 #   cross/build.sh aarch64   # arm64: 64-bit Raspberry Pi OS / Debian (Pi 3, 4, 5, Zero 2 W)
 #   cross/build.sh armv7     # armhf: 32-bit Raspberry Pi OS (Pi 2 and later)
+#   cross/build.sh aarch64-musl  # arm64, static (musl inside): any aarch64 Linux, however old
 #
 # Extra arguments go to `cargo build`. Installs the cross gcc with apt-get when run as root,
-# and adds the Rust target with rustup, if either is missing. The binary links against the
-# target's glibc as shipped by this machine's Debian release: build on a release no newer
-# than the one on the board.
+# and adds the Rust target with rustup, if either is missing. The glibc builds link against
+# the target's glibc as shipped by this machine's Debian release: build on a release no newer
+# than the one on the board (or use aarch64-musl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-    echo "usage: $0 aarch64|armv7 [cargo build args...]" >&2
+    echo "usage: $0 aarch64|armv7|aarch64-musl [cargo build args...]" >&2
 }
 
 case "${1:-}" in
@@ -26,6 +27,14 @@ case "${1:-}" in
         triple=armv7-unknown-linux-gnueabihf
         linker=arm-linux-gnueabihf-gcc
         packages="gcc-arm-linux-gnueabihf libc6-dev-armhf-cross"
+        ;;
+    aarch64-musl)
+        # Static (crt-static is the default on musl targets): the Rust target ships musl's crt
+        # objects and libc.a, and rustc passes them to the glibc cross gcc, which only links
+        # (rust-lld links too) and compiles ring's C and assembly (for TLS).
+        triple=aarch64-unknown-linux-musl
+        linker=aarch64-linux-gnu-gcc
+        packages="gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
         ;;
     -h | --help)
         usage
@@ -63,7 +72,7 @@ if ! rustup target list --installed | grep -qx "$triple"; then
 fi
 
 # CARGO_TARGET_<TRIPLE>_LINKER, e.g. CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER. A value
-# already set in the environment wins. CC_<triple> is for any crate that compiles C (none today).
+# already set in the environment wins. CC_<triple> is for crates that compile C (ring, for TLS).
 triple_upper=$(echo "$triple" | tr 'a-z-' 'A-Z_')
 linker_var="CARGO_TARGET_${triple_upper}_LINKER"
 export "$linker_var=${!linker_var:-$linker}"

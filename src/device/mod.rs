@@ -3,6 +3,7 @@
 mod port;
 mod session;
 mod supervisor;
+mod termios;
 mod worker;
 
 pub use self::port::{PortOpener, SerialOpener, SerialPort};

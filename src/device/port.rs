@@ -6,6 +6,7 @@ use std::pin::Pin;
 
 use tokio::io::AsyncRead;
 
+use super::termios;
 use crate::config::{DeviceConfig, FlowControl, Parity};
 
 /// An open port, as the session sees it.
@@ -41,14 +42,50 @@ impl PortOpener for SerialOpener {
                 FlowControl::Software => tokio_serial::FlowControl::Software,
                 FlowControl::Hardware => tokio_serial::FlowControl::Hardware,
             });
+        let dev = dev.clone();
         Box::pin(async move {
             // open(2) and the termios ioctls are blocking syscalls: keep them off the workers.
-            let stream = tokio::task::spawn_blocking(move || {
-                tokio_serial::SerialStream::open(&builder).map_err(io::Error::from)
+            tokio::task::spawn_blocking(move || match tokio_serial::SerialStream::open(&builder) {
+                Ok(stream) => Ok(Box::new(stream) as SerialPort),
+                // serialport sets the line with TCGETS2/TCSETS2, which qemu-user (the ARM smoke
+                // test in CI) and some old kernels lack: retry with classic termios (termios.rs).
+                Err(e) if termios::is_enosys(&e) => {
+                    termios::log_fallback_once(&dev);
+                    Ok(Box::new(termios::open(&dev)?) as SerialPort)
+                }
+                Err(e) => Err(io::Error::from(e)),
             })
             .await
-            .map_err(io::Error::other)??;
-            Ok(Box::new(stream) as SerialPort)
+            .map_err(io::Error::other)?
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::simulate::PtyLink;
+
+    /// Through tokio-serial natively; through the termios fallback when this test binary runs
+    /// under qemu-user (`.ci/arm-smoke.sh` covers that end to end).
+    #[tokio::test]
+    async fn serial_opener_reads_a_pseudo_terminal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pty = PtyLink::create(&dir.path().join("sensor")).unwrap();
+        let text = format!(
+            "[gateway]\nid = \"gw\"\n[[device]]\nname = \"d\"\npath = {:?}\nframing = \"lines\"\n",
+            pty.link.display().to_string()
+        );
+        let dev = toml::from_str::<Config>(&text).unwrap().devices.remove(0);
+        let mut port = SerialOpener.open(&dev).await.unwrap();
+        pty.master.write_all(b"{\"t\":1}\n").await.unwrap();
+        let mut buf = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(5), port.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"{\"t\":1}\n");
     }
 }
