@@ -77,7 +77,8 @@ fn pipeline(c: &mut Criterion) {
 fn queue(c: &mut Criterion) {
     let mut g = c.benchmark_group("queue");
     g.throughput(Throughput::Elements(READINGS));
-    let payload = Bytes::from_static(br#"{"n":1,"temp":21.5,"hum":40.0,"_gw":{"device":"d","seq":1,"received_at_us":1}}"#);
+    let payload =
+        Bytes::from_static(br#"{"n":1,"temp":21.5,"hum":40.0,"_gw":{"device":"d","seq":1,"received_at_us":1}}"#);
     g.bench_function("push+pop+ack (QoS 1, 16 devices)", |b| {
         let q = ReadingQueue::new(16, 10_000, 8 << 20, None, 100);
         b.iter(|| {

@@ -332,6 +332,17 @@ pub enum Framing {
     Cobs,
 }
 
+impl Format {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Kv => "kv",
+            Format::Postcard => "postcard",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -434,8 +445,26 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration with a unit, like \"30s\"")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Duration, E> {
+            parse_duration(s).map_err(E::custom)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Duration, E> {
+            Err(E::custom(format!("invalid duration {n}: a duration needs a unit, e.g. \"{n}s\" or \"{n}ms\"")))
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Duration, E> {
+            self.visit_i64(n as i64)
+        }
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Duration, E> {
+            Err(E::custom(format!("invalid duration {n}: a duration needs a unit, e.g. \"1500ms\"")))
+        }
+    }
+    d.deserialize_any(V)
 }
 
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -444,16 +473,24 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
 
 /// Sizes may be a plain number of bytes or a string with a unit.
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bytes(u64),
-        Text(String),
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size like \"1KiB\" or a number of bytes")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<u64, E> {
+            parse_size(s).map_err(E::custom)
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<u64, E> {
+            Ok(n)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<u64, E> {
+            u64::try_from(n)
+                .map_err(|_| E::custom(format!("invalid size {n}: a size cannot be negative; write it like \"1KiB\"")))
+        }
     }
-    match Raw::deserialize(d)? {
-        Raw::Bytes(n) => Ok(n),
-        Raw::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
-    }
+    d.deserialize_any(V)
 }
 
 fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -539,13 +576,21 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Self, Vec<Problem>> {
         let de = toml::Deserializer::new(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = match e.path().to_string() {
-                p if p == "." => "(top level)".to_string(),
+            let path = match e.path().to_string() {
+                p if p == "." => String::new(),
                 p => p.replace(".device[", "device[").trim_start_matches('.').to_string(),
             };
             let inner = e.into_inner();
             let line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            let message = inner.message().trim().to_string();
+            // toml's messages may span lines; a problem is one line.
+            let message = inner.message().trim().split('\n').map(str::trim).collect::<Vec<_>>().join("; ");
+            // "missing field `id`" under `gateway` is the key `gateway.id`.
+            let key = match message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+                Some(field) if path.is_empty() => field.to_string(),
+                Some(field) => format!("{path}.{field}"),
+                None if path.is_empty() => "(top level)".to_string(),
+                None => path,
+            };
             let fix = fix_for_parse_error(&message);
             vec![Problem { key, line, message, fix }]
         })?;
@@ -572,6 +617,15 @@ impl Config {
         let m = &self.mqtt;
         if m.host.trim().is_empty() {
             p.push(Problem::new("mqtt.host", "is empty", "set the broker's host name or address"));
+        } else if m.host.contains("://")
+            || m.host.contains('/')
+            || (m.host.contains(':') && m.host.parse::<std::net::Ipv6Addr>().is_err())
+        {
+            p.push(Problem::new(
+                "mqtt.host",
+                format!("{:?} is not a host name or address (a scheme, port or path is included)", m.host),
+                "give only the host, e.g. \"broker.local\"; the port goes in mqtt.port, TLS in [mqtt.tls]",
+            ));
         }
         if m.port == 0 {
             p.push(Problem::new("mqtt.port", "must not be 0", "use the broker's port, usually 1883"));
@@ -645,7 +699,13 @@ impl Config {
                     "give both (a certificate and its private key), or neither",
                 ));
             } else if let Err(e) = tls.client_config() {
-                p.push(Problem::new("mqtt.tls", e.to_string(), "point the mqtt.tls files at readable PEM files"));
+                // The message starts with the key it is about ("ca_file /x: ...").
+                let msg = e.to_string();
+                let key = match msg.split_whitespace().next() {
+                    Some(k @ ("ca_file" | "client_cert" | "client_key")) => format!("mqtt.tls.{k}"),
+                    _ => "mqtt.tls".to_string(),
+                };
+                p.push(Problem::new(key, msg, "point the mqtt.tls files at readable PEM files"));
             }
         }
         let ha = &self.homeassistant;
@@ -700,6 +760,12 @@ impl Config {
         }
         if d.path.as_os_str().is_empty() {
             p.push(Problem::new(k("path"), "is empty", "use the port's path, e.g. /dev/serial/by-id/usb-..."));
+        } else if d.path.is_relative() {
+            p.push(Problem::new(
+                k("path"),
+                format!("{} is a relative path", d.path.display()),
+                "use the full path, e.g. /dev/serial/by-id/usb-... or /dev/ttyUSB0",
+            ));
         }
         if d.baud == 0 {
             p.push(Problem::new(k("baud"), "must be above 0", "use your sensor's baud rate, e.g. 115200"));
@@ -719,7 +785,7 @@ impl Config {
             )),
             (Framing::Cobs, f) => p.push(Problem::new(
                 k("format"),
-                format!("{f:?} is a text format and needs framing = \"lines\""),
+                format!("{:?} is a text format and needs framing = \"lines\"", f.as_str()),
                 "use format = \"postcard\" (the default) with cobs",
             )),
         }
@@ -753,6 +819,14 @@ impl Config {
                     key("field"),
                     format!("{:?} is not a reading field", ent.field),
                     "name a field the sensor sends, e.g. \"temp\"",
+                ));
+            }
+            let unnamed_channel = ent.field.strip_prefix("ch").and_then(|n| n.parse::<u8>().ok()).is_some();
+            if d.format() == Format::Postcard && !unnamed_channel && !d.channels.iter().any(|c| c.name == ent.field) {
+                p.push(Problem::new(
+                    key("field"),
+                    format!("{:?} is not a channel of this binary device", ent.field),
+                    "name a [[device.channel]] of this device (or ch<id> for an unnamed one)",
                 ));
             }
             if d.entities[..e].iter().any(|o| o.field == ent.field) {
@@ -822,10 +896,19 @@ fn fix_for_parse_error(message: &str) -> String {
         "add the key (config/sensorgate.example.toml shows it with an example)".into()
     } else if message.starts_with("unknown variant") {
         "use one of the expected values".into()
-    } else if message.contains("duration") || message.contains("size") {
-        "write durations like \"30s\" and sizes like \"1KiB\"".into()
-    } else {
+    } else if message.starts_with("invalid duration") {
+        "write durations with a unit, like \"500ms\", \"30s\" or \"2m\"".into()
+    } else if message.starts_with("invalid size") {
+        "write sizes like \"1KiB\" or \"8MiB\", or a number of bytes".into()
+    } else if message.contains("expected a nonzero") {
+        "use a number above 0".into()
+    } else if message.starts_with("duplicate key") {
+        "keep one of the repeated keys".into()
+    } else if message.starts_with("invalid type") || message.starts_with("invalid value") {
         "correct the value; config/sensorgate.example.toml shows every key with its type".into()
+    } else {
+        // Not about a value: the file is not valid TOML here.
+        "fix the TOML syntax at this line (quotes, brackets, `key = value`)".into()
     }
 }
 

@@ -1,0 +1,370 @@
+//! A corpus of bad configurations, one case per class of mistake, each run through the real
+//! binary (`sensorgate check --config FILE`): exit status 78, and stderr names the file, the key,
+//! the problem and the fix. `run` refuses the same files with the same status.
+//!
+//! The corpus is a table ([`corpus`]); every case is checked and every failure reported at once.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const EX_CONFIG: i32 = 78;
+
+const GW: &str = "[gateway]\nid = \"gw\"\n";
+const DEV_A: &str = "[[device]]\nname = \"a\"\npath = \"/dev/ttyUSB0\"\nframing = \"lines\"\n";
+const DEV_B: &str = "[[device]]\nname = \"b\"\npath = \"/dev/ttyUSB1\"\nframing = \"lines\"\n";
+const COBS_A: &str = "[[device]]\nname = \"a\"\npath = \"/dev/ttyUSB0\"\nframing = \"cobs\"\n";
+
+/// A valid gateway with device `a` (lines/json); `top` goes before the device (whole tables),
+/// `dev` inside device `a`.
+fn cfg(top: &str, dev: &str) -> String {
+    format!("{GW}{top}{DEV_A}{dev}")
+}
+
+/// Like [`cfg`] with a COBS device `a`.
+fn cobs(dev: &str) -> String {
+    format!("{GW}{COBS_A}{dev}")
+}
+
+/// Device `a` with its `name = "a"` replaced.
+fn named(name: &str) -> String {
+    cfg("", "").replace("name = \"a\"", &format!("name = {name:?}"))
+}
+
+/// One expected problem in the output.
+struct Want {
+    /// Exactly as printed between the location and the message, e.g. `device[1].name`.
+    key: &'static str,
+    /// Each must occur in the message.
+    message: &'static [&'static str],
+    /// Must occur in the fix (which must not be empty).
+    fix: &'static str,
+}
+
+struct Case {
+    name: &'static str,
+    text: String,
+    want: Want,
+    /// A fragment of `text` on the line the problem must point at (parse errors carry a line).
+    line_of: Option<&'static str>,
+}
+
+fn case(
+    name: &'static str,
+    text: String,
+    key: &'static str,
+    message: &'static [&'static str],
+    fix: &'static str,
+) -> Case {
+    Case { name, text, want: Want { key, message, fix }, line_of: None }
+}
+
+impl Case {
+    fn at(mut self, fragment: &'static str) -> Self {
+        assert!(self.text.contains(fragment), "{}: {fragment:?} is not in the text", self.name);
+        self.line_of = Some(fragment);
+        self
+    }
+}
+
+const FIX_UNKNOWN: &str = "remove the key or correct its spelling";
+const FIX_MISSING: &str = "add the key";
+const FIX_DURATION: &str = "write durations with a unit, like \"500ms\", \"30s\" or \"2m\"";
+const FIX_SIZE: &str = "write sizes like \"1KiB\" or \"8MiB\", or a number of bytes";
+const FIX_SYNTAX: &str = "fix the TOML syntax at this line";
+const FIX_TYPE: &str = "shows every key with its type";
+const FIX_TOPIC: &str = "use 1 to 64 characters without '+', '#', '/', spaces or control characters";
+
+// One line per case: a table reads better than rustfmt's seven lines per call.
+#[rustfmt::skip]
+fn corpus(dir: &Path) -> Vec<Case> {
+    let missing = dir.join("no-such-dir/mqtt-password");
+    let missing_ca = dir.join("no-such-dir/ca.pem");
+    let not_pem = dir.join("not-a-cert.pem");
+    std::fs::write(&not_pem, "this is not a certificate\n").unwrap();
+    let some_file = not_pem.display().to_string();
+    let s = |p: &Path| p.display().to_string();
+    vec![
+        // --- unknown keys: top level, [mqtt], [[device]] (and the nested tables) ---
+        case("unknown top-level key", format!("colour = \"blue\"\n{}", cfg("", "")), "colour", &["unknown field `colour`", "expected one of `gateway`"], FIX_UNKNOWN)
+            .at("colour"),
+        case("unknown top-level table", cfg("[gateway_settings]\nx = 1\n", ""), "gateway_settings", &["unknown field `gateway_settings`"], FIX_UNKNOWN)
+            .at("[gateway_settings]"),
+        case("unknown key in [mqtt]", cfg("[mqtt]\nhots = \"broker\"\n", ""), "mqtt.hots", &["unknown field `hots`", "`host`"], FIX_UNKNOWN)
+            .at("hots"),
+        case("unknown key in [mqtt.tls]", cfg("[mqtt.tls]\ncafile = \"/etc/ca.pem\"\n", ""), "mqtt.tls.cafile", &["unknown field `cafile`", "`ca_file`"], FIX_UNKNOWN)
+            .at("cafile"),
+        case("unknown key in [gateway]", format!("[gateway]\nid = \"gw\"\nname = \"x\"\n{DEV_A}"), "gateway.name", &["unknown field `name`"], FIX_UNKNOWN)
+            .at("name = \"x\""),
+        case("unknown key in [[device]] (second device)", format!("{GW}{DEV_A}{DEV_B}baudrate = 9600\n"), "device[1].baudrate", &["unknown field `baudrate`", "`baud`"], FIX_UNKNOWN)
+            .at("baudrate"),
+        case("unknown key in [[device.channel]]", cobs("[[device.channel]]\nid = 1\nname = \"t\"\ncolour = 1\n"), "device[0].channel[0].colour", &["unknown field `colour`"], FIX_UNKNOWN)
+            .at("colour"),
+        case("unknown key in [[device.entity]]", cfg("", "[[device.entity]]\nfield = \"temp\"\nunits = \"°C\"\n"), "device[0].entity[0].units", &["unknown field `units`", "`unit`"], FIX_UNKNOWN)
+            .at("units"),
+        // --- values that do not parse ---
+        case("bad duration", cfg("", "idle_timeout = \"3 parsecs\"\n"), "device[0].idle_timeout", &["invalid duration \"3 parsecs\""], FIX_DURATION)
+            .at("parsecs"),
+        case("bad duration in [mqtt]", cfg("[mqtt]\nkeep_alive = \"soon\"\n", ""), "mqtt.keep_alive", &["invalid duration \"soon\""], FIX_DURATION)
+            .at("soon"),
+        case("bad size", cfg("", "max_frame = \"12 furlongs\"\n"), "device[0].max_frame", &["invalid size \"12 furlongs\""], FIX_SIZE)
+            .at("furlongs"),
+        case("bad size in [queue]", cfg("[queue]\nmax_bytes = \"lots\"\n", ""), "queue.max_bytes", &["invalid size \"lots\""], FIX_SIZE)
+            .at("lots"),
+        case("wrong type: port is a string", cfg("[mqtt]\nport = \"abc\"\n", ""), "mqtt.port", &["invalid type: string \"abc\", expected u16"], FIX_TYPE)
+            .at("abc"),
+        case("wrong type: port out of range", cfg("[mqtt]\nport = 70000\n", ""), "mqtt.port", &["70000", "expected u16"], FIX_TYPE)
+            .at("70000"),
+        case("wrong type: qos is a string", cfg("[mqtt]\nqos = \"1\"\n", ""), "mqtt.qos", &["invalid type: string \"1\""], FIX_TYPE)
+            .at("qos"),
+        case("unknown enum value", cfg("", "parity = \"mark\"\n"), "device[0].parity", &["unknown variant `mark`", "`none`, `odd`, `even`"], "use one of the expected values")
+            .at("mark"),
+        case("[device] instead of [[device]]", format!("{GW}[device]\nname = \"a\"\npath = \"/dev/ttyUSB0\"\nframing = \"lines\"\n"), "device", &["invalid type: map, expected a sequence"], FIX_TYPE)
+            .at("[device]"),
+        // --- missing required keys ---
+        case("missing gateway.id", format!("[gateway]\nmetrics_interval = \"30s\"\n{DEV_A}"), "gateway.id", &["missing field `id`"], FIX_MISSING)
+            .at("[gateway]"),
+        case("missing device.framing", format!("{GW}{DEV_A}[[device]]\nname = \"b\"\npath = \"/dev/ttyUSB1\"\n"), "device[1].framing", &["missing field `framing`"], FIX_MISSING),
+        case("missing device.path", format!("{GW}[[device]]\nname = \"a\"\nframing = \"lines\"\n"), "device[0].path", &["missing field `path`"], FIX_MISSING),
+        case("missing [gateway]", DEV_A.to_string(), "gateway", &["missing field `gateway`"], FIX_MISSING),
+        // --- devices that clash ---
+        case("duplicate device name", format!("{GW}{DEV_A}{}", DEV_B.replace("\"b\"", "\"a\"")), "device[1].name", &["\"a\" is also the name of device[0]"], "give every device its own name"),
+        case("duplicate device path", format!("{GW}{DEV_A}{}", DEV_B.replace("ttyUSB1", "ttyUSB0")), "device[1].path", &["/dev/ttyUSB0 is also the path of device[0]"], "a port can be read by one device only"),
+        // --- names that cannot be topic levels ---
+        case("device name with '/'", named("th/1"), "device[0].name", &["\"th/1\" cannot be used in MQTT topics"], FIX_TOPIC),
+        case("device name with '+'", named("th+1"), "device[0].name", &["\"th+1\" cannot be used in MQTT topics"], FIX_TOPIC),
+        case("device name with '#'", named("th#1"), "device[0].name", &["\"th#1\" cannot be used in MQTT topics"], FIX_TOPIC),
+        case("device name with a space", named("th 1"), "device[0].name", &["\"th 1\" cannot be used in MQTT topics"], FIX_TOPIC),
+        case("device name empty", named(""), "device[0].name", &["\"\" cannot be used in MQTT topics"], FIX_TOPIC),
+        case("device name with a tab", named("th\t1"), "device[0].name", &["\"th\\t1\" cannot be used in MQTT topics"], FIX_TOPIC),
+        case("device name of 65 characters", named(&"x".repeat(65)), "device[0].name", &["cannot be used in MQTT topics"], FIX_TOPIC),
+        case("gateway.id with '/'", cfg("", "").replace("id = \"gw\"", "id = \"green/house\""), "gateway.id", &["\"green/house\" cannot be used in MQTT topics"], FIX_TOPIC),
+        // --- MQTT ---
+        case("QoS 2", cfg("[mqtt]\nqos = 2\n", ""), "mqtt.qos", &["QoS 2 is not supported"], "use 1 (at least once, the default) or 0"),
+        case("topic_prefix with '+'", cfg("[mqtt]\ntopic_prefix = \"site/+/gw\"\n", ""), "mqtt.topic_prefix", &["\"site/+/gw\" is not a usable topic prefix"], "without '+', '#'"),
+        case("topic_prefix with '#'", cfg("[mqtt]\ntopic_prefix = \"site/#\"\n", ""), "mqtt.topic_prefix", &["\"site/#\" is not a usable topic prefix"], "without '+', '#'"),
+        case("topic_prefix with an empty level", cfg("[mqtt]\ntopic_prefix = \"site//gw\"\n", ""), "mqtt.topic_prefix", &["is not a usable topic prefix"], "separated by single '/'"),
+        case("reconnect_min above reconnect_max", cfg("[mqtt]\nreconnect_min = \"1m\"\nreconnect_max = \"10s\"\n", ""), "mqtt.reconnect_min", &["not above mqtt.reconnect_max"], "reconnect_min = \"200ms\""),
+        case("password_file without username", cfg(&format!("[mqtt]\npassword_file = {:?}\n", some_file), ""), "mqtt.password_file", &["is given without mqtt.username"], "add mqtt.username"),
+        case("password_file missing", cfg(&format!("[mqtt]\nusername = \"gw\"\npassword_file = {:?}\n", s(&missing)), ""), "mqtt.password_file", &["no-such-dir/mqtt-password cannot be read", "No such file"], "check the path"),
+        case("password_file is a directory", cfg(&format!("[mqtt]\nusername = \"gw\"\npassword_file = {:?}\n", s(dir)), ""), "mqtt.password_file", &["cannot be read"], "check the path"),
+        case("client_cert without client_key", cfg(&format!("[mqtt.tls]\nclient_cert = {:?}\n", some_file), ""), "mqtt.tls.client_cert", &["client_cert and client_key go together"], "give both"),
+        case("client_key without client_cert", cfg(&format!("[mqtt.tls]\nclient_key = {:?}\n", some_file), ""), "mqtt.tls.client_cert", &["client_cert and client_key go together"], "give both"),
+        case("ca_file missing", cfg(&format!("[mqtt.tls]\nca_file = {:?}\n", s(&missing_ca)), ""), "mqtt.tls.ca_file", &["ca_file", "no-such-dir/ca.pem", "No such file"], "readable PEM files"),
+        case("ca_file not PEM", cfg(&format!("[mqtt.tls]\nca_file = {:?}\n", some_file), ""), "mqtt.tls.ca_file", &["ca_file", "no PEM certificate"], "readable PEM files"),
+        // --- devices ---
+        case("framing cobs with format kv", cobs("format = \"kv\"\n"), "device[0].format", &["is a text format and needs framing = \"lines\""], "format = \"postcard\""),
+        case("framing lines with format postcard", cfg("", "format = \"postcard\"\n"), "device[0].format", &["\"postcard\" is binary and needs framing = \"cobs\""], "framing = \"cobs\""),
+        case("max_frame too big", cfg("", "max_frame = \"1MiB\"\n"), "device[0].max_frame", &["must be between 16 bytes and 64KiB"], "\"1KiB\""),
+        case("max_frame too small", cfg("", "max_frame = 8\n"), "device[0].max_frame", &["must be between 16 bytes and 64KiB"], "\"1KiB\""),
+        case("max_frame above a quarter of the queue", cfg("[queue]\nmax_bytes = \"64KiB\"\n", "max_frame = \"32KiB\"\n"), "device[0].max_frame", &["larger than a quarter of queue.max_bytes"], "raise queue.max_bytes"),
+        case("zero baud", cfg("", "baud = 0\n"), "device[0].baud", &["must be above 0"], "115200"),
+        case("bad data_bits", cfg("", "data_bits = 9\n"), "device[0].data_bits", &["must be 5, 6, 7 or 8"], "remove it to use 8"),
+        case("bad stop_bits", cfg("", "stop_bits = 3\n"), "device[0].stop_bits", &["must be 1 or 2"], "remove it to use 1"),
+        case("idle_timeout too short", cfg("", "idle_timeout = \"10ms\"\n"), "device[0].idle_timeout", &["must be at least 100ms"], "\"30s\""),
+        case("channels on a text device", cfg("", "[[device.channel]]\nid = 1\nname = \"t\"\n"), "device[0].channel", &["only apply to binary (postcard) frames"], "remove the [[device.channel]] tables"),
+        case("duplicate channel id", cobs("[[device.channel]]\nid = 1\nname = \"t\"\n[[device.channel]]\nid = 1\nname = \"h\"\n"), "device[0].channel[1].id", &["channel id 1 is listed twice"], "give each channel id one entry"),
+        case("duplicate channel name", cobs("[[device.channel]]\nid = 1\nname = \"t\"\n[[device.channel]]\nid = 2\nname = \"t\"\n"), "device[0].channel[1].name", &["channel name \"t\" is used twice"], "its own name"),
+        case("channel named _gw", cobs("[[device.channel]]\nid = 1\nname = \"_gw\"\n"), "device[0].channel[0].name", &["\"_gw\" cannot be used as a field name"], "not \"_gw\""),
+        case("bad entity state_class", cfg("", "[[device.entity]]\nfield = \"temp\"\nstate_class = \"average\"\n"), "device[0].entity[0].state_class", &["\"average\" is not a Home Assistant state class"], "\"measurement\""),
+        case("entity for _gw", cfg("", "[[device.entity]]\nfield = \"_gw\"\n"), "device[0].entity[0].field", &["\"_gw\" is not a reading field"], "name a field the sensor sends"),
+        // --- the rest ---
+        case("bad log.filter", cfg("[log]\nfilter = \"info,[[[\"\n", ""), "log.filter", &["\"info,[[[\" is not a log filter"], "\"info,sensorgate::mqtt=debug\""),
+        case("metrics_interval too short", cfg("", "").replace("id = \"gw\"", "id = \"gw\"\nmetrics_interval = \"1ms\""), "gateway.metrics_interval", &["must be at least 100ms"], "\"30s\""),
+        case("invalid TOML syntax", cfg("[mqtt\nport = 1883\n", ""), "(top level)", &["invalid table header; expected"], FIX_SYNTAX)
+            .at("[mqtt"),
+        case("unterminated string", cfg("", "").replace("id = \"gw\"", "id = \"gw"), "(top level)", &["invalid basic string"], FIX_SYNTAX),
+        case("key given twice", cfg("", "baud = 9600\nbaud = 19200\n"), "(top level)", &["duplicate key `baud`"], "keep one of the repeated keys")
+            .at("baud = 19200"),
+        case("empty file", String::new(), "gateway", &["missing field `gateway`"], FIX_MISSING),
+        case("host with a port", cfg("[mqtt]\nhost = \"broker.local:1883\"\n", ""), "mqtt.host", &["is not a host name or address"], "the port goes in mqtt.port"),
+        case("host with a scheme", cfg("[mqtt]\nhost = \"mqtt://broker.local\"\n", ""), "mqtt.host", &["a scheme, port or path is included"], "give only the host"),
+        case("relative device path", cfg("", "").replace("/dev/ttyUSB0", "ttyUSB0"), "device[0].path", &["ttyUSB0 is a relative path"], "use the full path"),
+        case("entity for a channel a binary device lacks", cobs("[[device.channel]]\nid = 1\nname = \"t\"\n[[device.entity]]\nfield = \"humidity\"\n"), "device[0].entity[0].field", &["\"humidity\" is not a channel of this binary device"], "name a [[device.channel]]"),
+        case("duration without a unit", cfg("", "idle_timeout = 30\n"), "device[0].idle_timeout", &["a duration needs a unit, e.g. \"30s\""], FIX_DURATION),
+        case("negative size", cfg("", "max_frame = -1\n"), "device[0].max_frame", &["invalid size -1", "cannot be negative"], FIX_SIZE),
+        case("zero max_readings", cfg("[queue]\nmax_readings = 0\n", ""), "queue.max_readings", &["nonzero"], "use a number above 0"),
+        case("no devices", GW.to_string(), "device", &["no [[device]] is configured"], "add a [[device]] table"),
+    ]
+}
+
+/// The problems in `sensorgate check` output, one string per problem (continuation lines of a
+/// multi-line message joined with '\n'), without the leading `FILE[:LINE]: `; and the count
+/// the header line announces.
+fn problems(stderr: &str, path: &str) -> (Option<usize>, Vec<(Option<usize>, String)>) {
+    let mut announced = None;
+    let mut out: Vec<(Option<usize>, String)> = Vec::new();
+    for line in stderr.lines() {
+        if let Some(rest) = line.strip_prefix(path) {
+            if let Some(n) = rest.strip_prefix(": ").and_then(|r| r.strip_suffix(" problem(s) in the configuration")) {
+                announced = n.parse().ok();
+                continue;
+            }
+            let (line_no, rest) = match rest.strip_prefix(':').map(|r| r.split_once(": ")) {
+                Some(Some((n, r))) if n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty() => (n.parse().ok(), r),
+                _ => (None, rest.strip_prefix(": ").unwrap_or(rest)),
+            };
+            out.push((line_no, rest.to_string()));
+        } else if let Some(last) = out.last_mut() {
+            last.1.push('\n');
+            last.1.push_str(line);
+        }
+    }
+    (announced, out)
+}
+
+/// Checks one expected problem against the parsed output; `Err` says what is wrong.
+fn find<'a>(found: &'a [(Option<usize>, String)], want: &Want) -> Result<&'a (Option<usize>, String), String> {
+    let prefix = format!("{}: ", want.key);
+    let p =
+        found.iter().find(|(_, p)| p.starts_with(&prefix)).ok_or_else(|| format!("no problem for key {}", want.key))?;
+    let (message, fix) = p.1[prefix.len()..].rsplit_once(" (fix: ").ok_or("no `(fix: ...)`")?;
+    for m in want.message {
+        if !message.contains(m) {
+            return Err(format!("message {message:?} lacks {m:?}"));
+        }
+    }
+    let fix = fix.strip_suffix(')').ok_or("fix not closed")?;
+    if fix.trim().is_empty() || !fix.contains(want.fix) {
+        return Err(format!("fix {fix:?} lacks {:?}", want.fix));
+    }
+    Ok(p)
+}
+
+fn check(path: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+        .args(["check", "--config"])
+        .arg(path)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn every_class_of_mistake_is_refused_with_file_key_problem_and_fix() {
+    let dir = common::tempdir();
+    let cases = corpus(dir.path());
+    let mut failures = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("case-{i:02}.toml"));
+        std::fs::write(&path, &c.text).unwrap();
+        let (code, _, stderr) = check(&path);
+        let path_s = path.display().to_string();
+        let mut fail = |why: String| failures.push(format!("[{}] {why}\n  stderr: {stderr}", c.name));
+        if code != Some(EX_CONFIG) {
+            fail(format!("exit status {code:?}, want {EX_CONFIG}"));
+            continue;
+        }
+        let (announced, found) = problems(&stderr, &path_s);
+        if announced != Some(1) || found.len() != 1 {
+            fail(format!("want exactly 1 problem announced and listed, got {announced:?} and {}", found.len()));
+        }
+        match find(&found, &c.want) {
+            Err(why) => fail(why),
+            Ok((line, _)) => {
+                if let Some(fragment) = c.line_of {
+                    let want_line = c.text.lines().position(|l| l.contains(fragment)).unwrap() + 1;
+                    if *line != Some(want_line) {
+                        fail(format!("points at line {line:?}, want {want_line} ({fragment:?})"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+#[test]
+fn the_corpus_base_is_valid() {
+    // Every case is one mistake away from these: they must pass, or the cases prove nothing.
+    let dir = common::tempdir();
+    for (i, text) in [cfg("", ""), cobs(""), format!("{GW}{DEV_A}{DEV_B}")].iter().enumerate() {
+        let path = dir.path().join(format!("ok-{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, stdout, stderr) = check(&path);
+        assert_eq!(code, Some(0), "{text}\n{stderr}");
+        assert!(stdout.contains(": ok ("), "{stdout}");
+    }
+}
+
+#[test]
+fn several_semantic_problems_are_listed_at_once() {
+    let dir = common::tempdir();
+    let path = dir.path().join("many.toml");
+    let text = "[gateway]\nid = \"green house\"\nmetrics_interval = \"10ms\"\n\
+         [mqtt]\nqos = 2\ntopic_prefix = \"a/#\"\npassword_file = \"/etc/hostname\"\n\
+         reconnect_min = \"1m\"\nreconnect_max = \"1s\"\n\
+         [log]\nfilter = \"[[[\"\n\
+         [[device]]\nname = \"a/b\"\npath = \"/dev/ttyUSB0\"\nframing = \"cobs\"\nformat = \"kv\"\nbaud = 0\n\
+         [[device]]\nname = \"x\"\npath = \"/dev/ttyUSB1\"\nframing = \"lines\"\ndata_bits = 9\nmax_frame = 8\n\
+         [[device.entity]]\nfield = \"t\"\nstate_class = \"avg\"\n\
+         [[device]]\nname = \"x\"\npath = \"/dev/ttyUSB1\"\nframing = \"cobs\"\n\
+         [[device.channel]]\nid = 3\nname = \"_gw\"\n[[device.channel]]\nid = 3\nname = \"t\"\n";
+    std::fs::write(&path, text).unwrap();
+    let (code, _, stderr) = check(&path);
+    assert_eq!(code, Some(EX_CONFIG), "{stderr}");
+    let (announced, found) = problems(&stderr, &path.display().to_string());
+    let want = [
+        "gateway.id",
+        "gateway.metrics_interval",
+        "mqtt.qos",
+        "mqtt.topic_prefix",
+        "mqtt.reconnect_min",
+        "mqtt.password_file",
+        "log.filter",
+        "device[0].name",
+        "device[0].baud",
+        "device[0].format",
+        "device[1].data_bits",
+        "device[1].max_frame",
+        "device[1].entity[0].state_class",
+        "device[2].name",
+        "device[2].path",
+        "device[2].channel[0].name",
+        "device[2].channel[1].id",
+    ];
+    let keys: Vec<&str> = found.iter().map(|(_, p)| p.split(": ").next().unwrap()).collect();
+    assert_eq!(keys, want, "every problem, in file order:\n{stderr}");
+    assert_eq!(announced, Some(want.len()), "{stderr}");
+    for (_, p) in &found {
+        assert!(p.contains(" (fix: ") && !p.ends_with("(fix: )"), "{p}");
+    }
+}
+
+#[test]
+fn a_missing_config_file_is_a_config_error_too() {
+    let dir = common::tempdir();
+    let path = dir.path().join("nowhere.toml");
+    let (code, _, stderr) = check(&path);
+    assert_eq!(code, Some(EX_CONFIG), "{stderr}");
+    assert!(
+        stderr.contains(&*path.display().to_string()) && stderr.contains("cannot read the config file"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("No such file") && stderr.contains("(fix: check the path"), "{stderr}");
+}
+
+/// `run` validates before touching a port or the broker: it exits 78 at once, with the same
+/// report as `check`.
+#[test]
+fn run_refuses_the_same_files_with_78() {
+    let dir = common::tempdir();
+    let cases = corpus(dir.path());
+    let picked = ["QoS 2", "unknown key in [[device]] (second device)", "invalid TOML syntax", "duplicate device path"];
+    for name in picked {
+        let c = cases.iter().find(|c| c.name == name).unwrap();
+        let sub = dir.path().join(name.replace(|ch: char| !ch.is_ascii_alphanumeric(), "_"));
+        std::fs::create_dir(&sub).unwrap();
+        let mut gw = common::Gateway::start(&sub, &c.text);
+        let status = gw.wait(Duration::from_secs(10));
+        let log = gw.log_text();
+        assert_eq!(status.code(), Some(EX_CONFIG), "[{name}] {log}");
+        let (_, found) = problems(&log, &gw.config.display().to_string());
+        assert_eq!(found.len(), 1, "[{name}] {log}");
+        find(&found, &c.want).unwrap_or_else(|why| panic!("[{name}] {why}: {log}"));
+        assert!(!log.contains("Gateway running"), "[{name}] {log}");
+    }
+}
