@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rumqttc::QoS;
+use rumqttc::mqttbytes::QoS;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -36,7 +36,6 @@ const INCOMING: usize = 32;
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 const CONNECTION: &str = "mqtt-connection";
-const SINK: &str = "mqtt-sink";
 
 /// The seams: where ports come from, which decoders run, whether backoff is jittered.
 #[derive(Clone)]
@@ -125,7 +124,6 @@ pub async fn run_reloadable(
             _ = &mut shutdown => None,
             Some(next) = reloads.recv() => Some(Ok(next)),
             r = &mut side.conn => Some(Err(died("MQTT connection", r))),
-            r = &mut side.sink => Some(Err(died("MQTT sink", r))),
         };
         match event {
             None => break,
@@ -168,11 +166,10 @@ struct RunningDevice {
 struct MqttSide {
     shared: Arc<MqttShared>,
     conn: JoinHandle<()>,
-    sink: JoinHandle<()>,
     helpers: Vec<JoinHandle<()>>,
-    /// Asks the sink to disconnect cleanly (a reload).
+    /// Asks the connection to disconnect cleanly (a reload).
     switching: CancellationToken,
-    /// Ends the connection and sink tasks at once.
+    /// Ends the connection task at once.
     hard_stop: CancellationToken,
     /// Ends the metrics and command tasks (child of draining).
     helpers_stop: CancellationToken,
@@ -195,7 +192,7 @@ impl Core {
             topics,
             queue,
             registry: Arc::default(),
-            live: Liveness::new([CONNECTION.to_string(), SINK.to_string()]),
+            live: Liveness::new([CONNECTION.to_string()]),
             discovery: Arc::new(std::sync::Mutex::new(discovery)),
             hooks,
             devices_stop: CancellationToken::new(),
@@ -243,7 +240,7 @@ impl Core {
     }
 
     fn start_mqtt(&self, config: &Config) -> Result<MqttSide, AppError> {
-        let (client, eventloop) = mqtt::client(config, &self.topics)?;
+        let opts = mqtt::ConnectOptions::new(config, &self.topics)?;
         let on_connect = {
             let (registry, discovery) = (Arc::clone(&self.registry), Arc::clone(&self.discovery));
             Box::new(move || {
@@ -279,16 +276,10 @@ impl Core {
         let helpers_stop = self.draining.child_token();
         let backoff = Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max, self.hooks.jitter);
         let conn = tokio::spawn(mqtt::run_connection(
-            eventloop,
+            opts,
             Arc::clone(&shared),
             backoff,
             self.live.beat_for(CONNECTION),
-            hard_stop.clone(),
-        ));
-        let sink = tokio::spawn(mqtt::run_sink(
-            client,
-            Arc::clone(&shared),
-            self.live.beat_for(SINK),
             self.draining.clone(),
             switching.clone(),
             hard_stop.clone(),
@@ -312,15 +303,7 @@ impl Core {
             incoming_rx,
             helpers_stop.clone(),
         ));
-        Ok(MqttSide {
-            shared,
-            conn,
-            sink,
-            helpers: vec![metrics_task, command_task],
-            switching,
-            hard_stop,
-            helpers_stop,
-        })
+        Ok(MqttSide { shared, conn, helpers: vec![metrics_task, command_task], switching, hard_stop, helpers_stop })
     }
 
     /// A metrics snapshot maker bound to one MQTT side.
@@ -420,7 +403,7 @@ impl Core {
     }
 
     async fn start_mqtt_after_old_closes(&self, next: &Config, old: &mut MqttSide) -> Result<MqttSide, AppError> {
-        mqtt::client(next, &self.topics)?;
+        mqtt::ConnectOptions::new(next, &self.topics)?;
         old.switching.cancel();
         let deadline = Instant::now() + SWITCH_TIMEOUT;
         let closed = tokio::time::timeout_at(deadline, &mut old.conn).await.is_ok();
@@ -428,7 +411,6 @@ impl Core {
         if !closed {
             let _ = (&mut old.conn).await;
         }
-        let _ = (&mut old.sink).await;
         let requeued = self.queue.requeue_in_flight();
         tracing::info!(requeued, "MQTT settings changed; reconnecting with the new ones.");
         self.start_mqtt(next)
@@ -472,22 +454,16 @@ impl Core {
         tracing::info!(queued = self.queue.depth().0, "Shutting down: draining the queue.");
         self.draining.cancel();
         let (queue, shared) = (Arc::clone(&self.queue), Arc::clone(&side.shared));
-        let drained = wait_with_progress(&mut side.sink, deadline, || {
+        let drained = wait_with_progress(&mut side.conn, deadline, || {
             format!(
-                "MQTT sink still draining: {} readings queued, broker connected: {}",
+                "MQTT connection still draining: {} readings queued, broker connected: {}",
                 queue.depth().0,
                 shared.is_connected()
             )
         })
         .await;
-        let closing = deadline.max(Instant::now() + Duration::from_secs(1));
-        let closed =
-            drained && wait_with_progress(&mut side.conn, closing, || "MQTT connection still closing".into()).await;
         side.hard_stop.cancel();
         if !drained {
-            let _ = side.sink.await;
-        }
-        if !closed {
             let _ = side.conn.await;
         }
         for h in side.helpers {
