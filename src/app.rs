@@ -558,7 +558,7 @@ async fn wait_with_progress<F: Future>(fut: F, deadline: Instant, who: impl Fn()
 }
 
 /// Publishes metrics every `metrics_interval` (re-read after a reload) until `stop`; at
-/// shutdown the sink sends a final snapshot once the queue is drained.
+/// shutdown the connection task sends a final snapshot once the queue is drained.
 async fn metrics_loop(
     config: Arc<RwLock<Config>>,
     shared: Arc<MqttShared>,

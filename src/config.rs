@@ -584,6 +584,8 @@ impl Config {
             let line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             // toml's messages may span lines; a problem is one line.
             let message = inner.message().trim().split('\n').map(str::trim).collect::<Vec<_>>().join("; ");
+            // toml has no words for some syntax errors (a stray carriage return).
+            let message = if message.is_empty() { "invalid TOML syntax".to_string() } else { message };
             // "missing field `id`" under `gateway` is the key `gateway.id`.
             let key = match message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
                 Some(field) if path.is_empty() => field.to_string(),
@@ -862,6 +864,14 @@ impl Config {
                     format!("device[{i}].channel[{c}].id"),
                     format!("channel id {} is listed twice", ch.id),
                     "give each channel id one entry",
+                ));
+            }
+            // `ch<id>` is how an unnamed channel appears; another channel may not take that name.
+            if ch.name.strip_prefix("ch").and_then(|n| n.parse::<u8>().ok()).is_some_and(|id| id != ch.id) {
+                p.push(Problem::new(
+                    format!("device[{i}].channel[{c}].name"),
+                    format!("{:?} is the default name of channel {}", ch.name, &ch.name[2..]),
+                    "choose a name that is not ch<number> of another channel",
                 ));
             }
             if d.channels[..c].iter().any(|o| o.name == ch.name) {

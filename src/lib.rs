@@ -12,8 +12,8 @@
 //!                 ReadingQueue (count + byte bound, drop-oldest, fair across devices)
 //!                   │ pop_next()                 ▲ in-flight readings come back on disconnect
 //!                   ▼                            │
-//!                 MQTT sink task ─► rumqttc AsyncClient (tiny channel) ─► connection task
-//!                                                   (owns the EventLoop, backs off, acks)
+//!                 MQTT connection task (owns the socket: batched writes, acks, pings,
+//!                                       reconnects with backoff; rumqttc's codec only)
 //!  metrics task: counters → metrics topic;  app::run: cancellation tree + task tracker
 //! ```
 //!
@@ -22,7 +22,7 @@
 //! - [`framing`], [`decode`], [`reading`]: sans-IO frame splitting, decoding, payloads.
 //! - [`queue`]: the one bounded queue and the in-flight ledger.
 //! - [`device`]: supervisor, session and decode thread of one serial device.
-//! - [`mqtt`]: the connection task and the sink.
+//! - [`mqtt`]: the connection task (the only MQTT client code).
 //! - [`telemetry`]: counters and log-and-count events; [`metrics`]: the metrics payload.
 //! - [`app`]: wiring and phased shutdown; [`simulate`]: the sensor simulator.
 

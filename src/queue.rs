@@ -1,4 +1,4 @@
-//! The one bounded queue between the decoders and the MQTT sink, and the ledger of what is in
+//! The one bounded queue between the decoders and the MQTT connection, and the ledger of what is in
 //! flight to the broker. Never blocks a producer, never grows past its bounds.
 //!
 //! Overflow policy, [`ReadingQueue::push`]: **drop oldest, fairly**. When the queue is full the
@@ -9,7 +9,7 @@
 //!
 //! A reading leaves the ledger only when delivered: acknowledged (QoS 1) or written (QoS 0).
 //! Readings in flight when the connection drops go back to the front of their device's lane
-//! (counted as `republished`), because rumqttc forgets them when the broker has no session.
+//! (counted as `republished`): the session is clean, so the broker keeps nothing for us.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -97,7 +97,8 @@ struct Inner {
     unassigned: VecDeque<InFlight>,
     /// Waiting for PUBACK, indexed by packet id.
     awaiting_ack: Vec<Option<InFlight>>,
-    /// A publish whose packet id collided; rumqttc sends it once that id is acked.
+    /// A publish whose packet id collided (a client that reuses ids before their ack); sent
+    /// once that id is acked.
     collided: Option<(u16, InFlight)>,
 }
 

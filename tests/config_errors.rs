@@ -167,6 +167,7 @@ fn corpus(dir: &Path) -> Vec<Case> {
         case("channels on a text device", cfg("", "[[device.channel]]\nid = 1\nname = \"t\"\n"), "device[0].channel", &["only apply to binary (postcard) frames"], "remove the [[device.channel]] tables"),
         case("duplicate channel id", cobs("[[device.channel]]\nid = 1\nname = \"t\"\n[[device.channel]]\nid = 1\nname = \"h\"\n"), "device[0].channel[1].id", &["channel id 1 is listed twice"], "give each channel id one entry"),
         case("duplicate channel name", cobs("[[device.channel]]\nid = 1\nname = \"t\"\n[[device.channel]]\nid = 2\nname = \"t\"\n"), "device[0].channel[1].name", &["channel name \"t\" is used twice"], "its own name"),
+        case("channel named like another channel's default", cobs("[[device.channel]]\nid = 255\nname = \"ch1\"\n"), "device[0].channel[0].name", &["\"ch1\" is the default name of channel 1"], "not ch<number> of another channel"),
         case("channel named _gw", cobs("[[device.channel]]\nid = 1\nname = \"_gw\"\n"), "device[0].channel[0].name", &["\"_gw\" cannot be used as a field name"], "not \"_gw\""),
         case("bad entity state_class", cfg("", "[[device.entity]]\nfield = \"temp\"\nstate_class = \"average\"\n"), "device[0].entity[0].state_class", &["\"average\" is not a Home Assistant state class"], "\"measurement\""),
         case("entity for _gw", cfg("", "[[device.entity]]\nfield = \"_gw\"\n"), "device[0].entity[0].field", &["\"_gw\" is not a reading field"], "name a field the sensor sends"),

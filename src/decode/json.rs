@@ -22,6 +22,7 @@ impl Decode for JsonDecoder {
         std::str::from_utf8(frame).map_err(|_| Reject::BadUtf8)?;
         let shape: ObjectShape = serde_json::from_slice(frame).map_err(|e| match e.classify() {
             serde_json::error::Category::Data if e.to_string().starts_with(TOO_DEEP) => Reject::TooDeep,
+            serde_json::error::Category::Data if e.to_string().starts_with(DUPLICATE) => Reject::DuplicateKey,
             serde_json::error::Category::Data => Reject::NotObject,
             _ => Reject::BadJson,
         })?;
@@ -39,11 +40,14 @@ impl Decode for JsonDecoder {
 const TOO_DEEP: &str = "nesting deeper than";
 
 /// Walks an object without building it or allocating, notes whether the reserved key is
-/// present and refuses nesting deeper than [`MAX_DEPTH`] (serde_json's `IgnoredAny` would
-/// skip any depth).
+/// present, refuses nesting deeper than [`MAX_DEPTH`] (serde_json's `IgnoredAny` would skip
+/// any depth) and refuses a top-level key given twice (readers would keep only one).
 struct ObjectShape {
     reserved: bool,
 }
+
+/// Top-level keys compared for duplicates; an object with more is passed without the check.
+const MAX_CHECKED_KEYS: usize = 64;
 
 impl<'de> Deserialize<'de> for ObjectShape {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -62,8 +66,13 @@ impl<'de> Visitor<'de> for ShapeVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ObjectShape, A::Error> {
         let mut reserved = false;
-        while let Some(IsReserved(r)) = map.next_key()? {
+        let mut seen: heapless::Vec<u64, MAX_CHECKED_KEYS> = heapless::Vec::new();
+        while let Some(KeyInfo { reserved: r, hash }) = map.next_key()? {
             reserved |= r;
+            if seen.contains(&hash) {
+                return Err(serde::de::Error::custom(DUPLICATE));
+            }
+            let _ = seen.push(hash);
             map.next_value_seed(Nested(2))?;
         }
         Ok(ObjectShape { reserved })
@@ -116,7 +125,7 @@ impl<'de> Visitor<'de> for Nested {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let inner = self.deeper::<A::Error>()?;
-        while map.next_key::<IsReserved>()?.is_some() {
+        while map.next_key::<AnyKey>()?.is_some() {
             map.next_value_seed(inner)?;
         }
         Ok(())
@@ -133,21 +142,39 @@ impl Nested {
     }
 }
 
-struct IsReserved(bool);
+const DUPLICATE: &str = "duplicate key";
 
-impl<'de> Deserialize<'de> for IsReserved {
+/// A top-level key: is it the reserved one, and its FNV-1a hash (for duplicates; a 64-bit
+/// collision between two keys of one reading is not a practical concern).
+struct KeyInfo {
+    reserved: bool,
+    hash: u64,
+}
+
+impl<'de> Deserialize<'de> for KeyInfo {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl Visitor<'_> for V {
-            type Value = IsReserved;
+            type Value = KeyInfo;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a key")
             }
-            fn visit_str<E>(self, v: &str) -> Result<IsReserved, E> {
-                Ok(IsReserved(v == RESERVED_KEY))
+            fn visit_str<E>(self, v: &str) -> Result<KeyInfo, E> {
+                let hash =
+                    v.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+                Ok(KeyInfo { reserved: v == RESERVED_KEY, hash })
             }
         }
         d.deserialize_str(V)
+    }
+}
+
+/// A key in a nested object: only its syntax matters.
+struct AnyKey;
+
+impl<'de> Deserialize<'de> for AnyKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| AnyKey)
     }
 }
 
@@ -178,6 +205,8 @@ mod tests {
         assert_eq!(run(b"{\"_gw\":1}"), Err(Reject::ReservedKey));
         assert_eq!(run(b"{\"\\u005fgw\":1}"), Err(Reject::ReservedKey));
         assert_eq!(run(b"{\"a\":\"\xff\"}"), Err(Reject::BadUtf8));
+        assert_eq!(run(br#"{"a":1,"b":{"a":2},"a":3}"#), Err(Reject::DuplicateKey));
+        assert_eq!(run(br#"{"a":1,"\u0061":2}"#), Err(Reject::DuplicateKey));
     }
 
     fn nested(levels: usize) -> String {

@@ -56,13 +56,20 @@ fn write_value(out: &mut BytesMut, v: &str) -> Result<(), Reject> {
     }
     match v.parse::<f64>() {
         Ok(x) if !x.is_finite() => Err(Reject::NonFinite),
-        Ok(_) if is_json_number(v) => {
+        Ok(_) if is_json_number(v) && json_readers_accept(v) => {
             out.put_slice(v.as_bytes());
             Ok(())
         }
         Ok(x) => {
-            // Valid for Rust but not JSON ("+5", ".5", "5."): write the value canonically.
-            out.put_slice(x.to_string().as_bytes());
+            // Valid for Rust but not as JSON text ("+5", ".5", "5.", or so close to the f64
+            // limit that JSON readers overflow): write the value canonically.
+            let shortest = x.to_string();
+            let canonical =
+                if json_readers_accept(&shortest) { shortest } else { ryu::Buffer::new().format_finite(x).to_string() };
+            if !json_readers_accept(&canonical) {
+                return Err(Reject::NonFinite);
+            }
+            out.put_slice(canonical.as_bytes());
             Ok(())
         }
         Err(_) => {
@@ -70,6 +77,12 @@ fn write_value(out: &mut BytesMut, v: &str) -> Result<(), Reject> {
             Ok(())
         }
     }
+}
+
+/// Whether a JSON reader (serde_json as the reference) takes this number. Only long numbers
+/// or ones with an exponent can overflow there, so only those pay for the check.
+fn json_readers_accept(v: &str) -> bool {
+    v.len() <= 15 && !v.contains(['e', 'E']) || serde_json::from_str::<serde_json::Number>(v).is_ok()
 }
 
 /// JSON's number grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
@@ -136,6 +149,14 @@ mod tests {
         assert_eq!(run("a=NaN"), Err(Reject::NonFinite));
         assert_eq!(run("a=inf"), Err(Reject::NonFinite));
         assert_eq!(run("a=1e999"), Err(Reject::NonFinite));
+        // Finite for Rust, out of range for JSON readers: written canonically or refused,
+        // never forwarded as a payload a reader cannot parse.
+        for v in ["1.7976931348623158e308", "-1.7976931348623158e308", "17976931348623158000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"] {
+            if let Ok(s) = run(&format!("a={v}")) {
+                let json = format!("{{{s}}}");
+                assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "{json}");
+            }
+        }
         assert_eq!(run("a=1 a=2"), Err(Reject::DuplicateKey));
         assert_eq!(run("_gw=1"), Err(Reject::ReservedKey));
         let many: String = (0..65).map(|i| format!("k{i}=1 ")).collect();
