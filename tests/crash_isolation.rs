@@ -13,25 +13,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::{write_all, Mosquitto, Subscriber};
+use common::{json_lines as lines, n, write_all, Mosquitto, Subscriber};
 use sensorgate::app::{self, Hooks};
-use sensorgate::config::{Config, DeviceConfig, Format, Framing};
+use sensorgate::config::{Config, DeviceConfig};
 use sensorgate::decode::{self, Decode, Decoded};
 use sensorgate::device::{PortOpener, SerialOpener, SerialPort};
 use sensorgate::reject::Reject;
-use sensorgate::simulate::{PtyLink, SimSpec};
+use sensorgate::simulate::PtyLink;
 use serde_json::Value;
 use tokio::io::{AsyncRead, ReadBuf};
-
-const SPEC: SimSpec = SimSpec { framing: Framing::Lines, format: Format::Json };
-
-fn lines(range: std::ops::Range<u64>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for n in range {
-        SPEC.render(n, common::now_us(), &mut out);
-    }
-    out
-}
 
 fn config(port: u16, devices: &[(&str, &std::path::Path)]) -> Config {
     let mut text = format!("[gateway]\nid = \"it\"\nmetrics_interval = \"100ms\"\n[mqtt]\nport = {port}\n");
@@ -43,10 +33,6 @@ fn config(port: u16, devices: &[(&str, &std::path::Path)]) -> Config {
 
 async fn metrics_where(sub: &mut Subscriber, pred: impl Fn(&Value) -> bool) -> Value {
     sub.wait_for(Duration::from_secs(10), |m| m.topic == "sensorgate/it/metrics" && pred(&m.json())).await.0.json()
-}
-
-fn n(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 struct PanicsOnBoom(Box<dyn Decode>);

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{write_all, Gateway, Mosquitto, Msg, Subscriber};
+use common::{assert_identities, n, render, write_all, Gateway, Mosquitto, Msg, Subscriber};
 use sensorgate::config::{Format, Framing};
 use sensorgate::simulate::{PtyLink, SimSpec};
 use serde_json::Value;
@@ -38,14 +38,6 @@ fn gateway_toml(port: u16, devices: &str) -> String {
     )
 }
 
-fn render(spec: SimSpec, range: std::ops::Range<u64>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for n in range {
-        spec.render(n, common::now_us(), &mut out);
-    }
-    out
-}
-
 /// Waits for a metrics message for which `pred` holds for every listed device.
 async fn wait_metrics(sub: &mut Subscriber, devices: &[&str], pred: impl Fn(&Value) -> bool) -> Value {
     let (m, _) = sub
@@ -54,29 +46,6 @@ async fn wait_metrics(sub: &mut Subscriber, devices: &[&str], pred: impl Fn(&Val
         })
         .await;
     m.json()
-}
-
-fn n(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
-}
-
-/// Both accounting identities of DESIGN.md, checked from the outside.
-fn assert_identities(dev: &Value) {
-    let rejected = n(&dev["rejected"], "total");
-    assert_eq!(n(dev, "frames_in"), n(dev, "readings") + rejected, "frames_in = readings + rejected: {dev}");
-    assert_eq!(
-        n(dev, "readings"),
-        n(dev, "delivered") + n(dev, "dropped_oldest") + n(dev, "expired") + n(dev, "queued") + n(dev, "in_flight"),
-        "readings = delivered + dropped + expired + queued + in_flight: {dev}"
-    );
-    let by_reason: u64 = dev["rejected"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k != "total")
-        .map(|(_, v)| v.as_u64().unwrap())
-        .sum();
-    assert_eq!(by_reason, rejected, "rejected.total is the sum of the reasons: {dev}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

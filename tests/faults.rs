@@ -7,13 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{cpu_seconds, memory_mib, write_all, Gateway, Mosquitto, Msg, Subscriber};
-use sensorgate::config::{Format, Framing};
-use sensorgate::simulate::{PtyLink, SimSpec};
+use common::{
+    assert_identities, cpu_seconds, json_lines as render, memory_mib, n, write_all, Gateway, Mosquitto, Msg, Subscriber,
+};
+use sensorgate::simulate::PtyLink;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
-
-const JSON: SimSpec = SimSpec { framing: Framing::Lines, format: Format::Json };
 
 fn config(port: u16, extra: &str, devices: &[(&str, &Path)]) -> String {
     let mut c = format!(
@@ -24,27 +23,6 @@ fn config(port: u16, extra: &str, devices: &[(&str, &Path)]) -> String {
         c += &format!("[[device]]\nname = \"{name}\"\npath = \"{}\"\nframing = \"lines\"\n", path.display());
     }
     c
-}
-
-fn render(range: std::ops::Range<u64>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for n in range {
-        JSON.render(n, common::now_us(), &mut out);
-    }
-    out
-}
-
-fn n(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
-}
-
-fn assert_identities(d: &Value) {
-    assert_eq!(n(d, "frames_in"), n(d, "readings") + n(&d["rejected"], "total"), "{d}");
-    assert_eq!(
-        n(d, "readings"),
-        n(d, "delivered") + n(d, "dropped_oldest") + n(d, "expired") + n(d, "queued") + n(d, "in_flight"),
-        "{d}"
-    );
 }
 
 async fn metrics_where(sub: &mut Subscriber, timeout: Duration, pred: impl Fn(&Value) -> bool) -> (Value, Vec<Msg>) {

@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{memory_mib, write_all, Gateway, Mosquitto, Msg, Subscriber};
+use common::{memory_mib, n, write_all, Gateway, Mosquitto, Msg, Subscriber};
 use sensorgate::config::{Format, Framing};
 use sensorgate::simulate::{PtyLink, SimSpec};
 use serde_json::Value;
@@ -354,10 +354,6 @@ impl Seen {
     fn device(&self, name: &str) -> &Value {
         &self.metrics.as_ref().expect("metrics seen")["devices"][name]
     }
-}
-
-fn n(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 fn reasons(dev: &Value) -> BTreeMap<String, u64> {

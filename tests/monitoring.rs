@@ -6,11 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{publish, write_all, Gateway, Mosquitto, Subscriber};
-use sensorgate::config::{Format, Framing};
-use sensorgate::simulate::{PtyLink, SimSpec};
-
-const JSON: SimSpec = SimSpec { framing: Framing::Lines, format: Format::Json };
+use common::{json_lines as lines, publish, write_all, Gateway, Mosquitto, Subscriber};
+use sensorgate::simulate::PtyLink;
 
 fn config(port: u16, extra: &str, devices: &[(&str, &std::path::Path)]) -> String {
     let mut c = format!(
@@ -20,14 +17,6 @@ fn config(port: u16, extra: &str, devices: &[(&str, &std::path::Path)]) -> Strin
         c += &format!("[[device]]\nname = \"{name}\"\npath = \"{}\"\nframing = \"lines\"\n", path.display());
     }
     c
-}
-
-fn lines(range: std::ops::Range<u64>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for n in range {
-        JSON.render(n, common::now_us(), &mut out);
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,20 +6,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{write_all, Gateway, Mosquitto, Subscriber};
-use sensorgate::config::{Format, Framing};
-use sensorgate::simulate::{PtyLink, SimSpec};
+use common::{json_lines as lines, n, write_all, Gateway, Mosquitto, Subscriber};
+use sensorgate::simulate::PtyLink;
 use serde_json::Value;
-
-const JSON: SimSpec = SimSpec { framing: Framing::Lines, format: Format::Json };
-
-fn lines(range: std::ops::Range<u64>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for n in range {
-        JSON.render(n, common::now_us(), &mut out);
-    }
-    out
-}
 
 fn config(port: u16, devices: &[(&str, &Path, &str)]) -> String {
     let mut c = format!(
@@ -29,10 +18,6 @@ fn config(port: u16, devices: &[(&str, &Path, &str)]) -> String {
         c += &format!("[[device]]\nname = \"{name}\"\npath = \"{}\"\nframing = \"lines\"\n{extra}\n", path.display());
     }
     c
-}
-
-fn n(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 async fn metrics_where(sub: &mut Subscriber, pred: impl Fn(&Value) -> bool) -> Value {

@@ -365,3 +365,42 @@ pub async fn publish(port: u16, topic: &str, payload: &[u8], retain: bool) {
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
 }
+
+/// Readings numbered `range` in `spec`'s encoding, stamped now.
+pub fn render(spec: sensorgate::simulate::SimSpec, range: std::ops::Range<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for n in range {
+        spec.render(n, now_us(), &mut out);
+    }
+    out
+}
+
+/// JSON-lines readings numbered `range`.
+pub fn json_lines(range: std::ops::Range<u64>) -> Vec<u8> {
+    use sensorgate::config::{Format, Framing};
+    render(sensorgate::simulate::SimSpec { framing: Framing::Lines, format: Format::Json }, range)
+}
+
+/// A counter from a metrics object.
+pub fn n(v: &serde_json::Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// Both accounting identities of DESIGN.md, checked from the outside on one device's metrics.
+pub fn assert_identities(dev: &serde_json::Value) {
+    let rejected = n(&dev["rejected"], "total");
+    assert_eq!(n(dev, "frames_in"), n(dev, "readings") + rejected, "frames_in = readings + rejected: {dev}");
+    assert_eq!(
+        n(dev, "readings"),
+        n(dev, "delivered") + n(dev, "dropped_oldest") + n(dev, "expired") + n(dev, "queued") + n(dev, "in_flight"),
+        "readings = delivered + dropped + expired + queued + in_flight: {dev}"
+    );
+    let by_reason: u64 = dev["rejected"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "total")
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(by_reason, rejected, "rejected.total is the sum of the reasons: {dev}");
+}
