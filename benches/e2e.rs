@@ -75,6 +75,8 @@ async fn run(sc: Scenario) {
         up += 1;
     }
     let cpu0 = cpu_seconds(gw.pid());
+    let broker_pid = broker.pid().expect("broker runs");
+    let broker_cpu0 = cpu_seconds(broker_pid);
     let started = Instant::now();
     let writers: Vec<_> = ptys
         .into_iter()
@@ -120,6 +122,9 @@ async fn run(sc: Scenario) {
     // Up to the last delivery: the idle timeout that ends a lossy run is not throughput.
     let elapsed = (last - started).as_secs_f64();
     let cpu = cpu_seconds(gw.pid()) - cpu0;
+    // Who is the bottleneck: the broker's share of a core over the same window.
+    let broker_share = (cpu_seconds(broker_pid) - broker_cpu0) / elapsed.max(1e-9) * 100.0;
+    let gateway_share = cpu / elapsed.max(1e-9) * 100.0;
     let rss = memory_mib(gw.pid(), "VmHWM:");
     for w in writers {
         drop(w.await.unwrap());
@@ -140,7 +145,7 @@ async fn run(sc: Scenario) {
             .map_or("-".to_string(), |us| format!("{:.2}", *us as f64 / 1000.0))
     };
     println!(
-        "| {:>2} | {:<5} | {} | {:>10} | {:>9.0} | {:>6} | {:>6} | {:>5} | {:>5} | {:>6} | {:>10.3} | {:>7.1} |",
+        "| {:>2} | {:<5} | {} | {:>10} | {:>9.0} | {:>6} | {:>6} | {:>5} | {:>5} | {:>6} | {:>10.3} | {:>7.1} | {:>4.0} % | {:>4.0} % |",
         sc.devices,
         framing,
         sc.qos,
@@ -154,6 +159,8 @@ async fn run(sc: Scenario) {
         p(1.0),
         cpu / got.max(1) as f64 * 100_000.0,
         rss,
+        gateway_share,
+        broker_share,
     );
 }
 
@@ -161,9 +168,9 @@ fn main() {
     // `cargo bench` passes --bench; a filter argument is accepted and ignored.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!(
-        "| ports | framing | QoS | rate/port | delivered/s | dropped_oldest (counted) | unaccounted | p50 ms | p99 ms | max ms | CPU s/100k | peak RSS MiB |"
+        "| ports | framing | QoS | rate/port | delivered/s | dropped_oldest (counted) | unaccounted | p50 ms | p99 ms | max ms | CPU s/100k | peak RSS MiB | gateway CPU | broker CPU |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for sc in scenarios() {
         rt.block_on(run(sc));
     }

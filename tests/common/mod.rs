@@ -94,6 +94,11 @@ impl Mosquitto {
         }
     }
 
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
     /// SIGKILL: the broker vanishes.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
