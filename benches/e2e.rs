@@ -2,7 +2,8 @@
 //! binary → a real mosquitto → a subscriber. Prints delivered readings/s, loss, latency
 //! (sensor stamp → subscriber), gateway CPU-seconds per 100k readings and peak RSS.
 //!
-//! `cargo bench --bench e2e` runs the default scenarios; `SG_BENCH=quick` runs a short set.
+//! `cargo bench --bench e2e` runs the default scenarios; `SG_BENCH=quick` runs a short set,
+//! `SG_BENCH=overload` only the 16-port as-fast-as-possible one (peak RSS under overload).
 //! Figures depend on the machine: README lists the ones measured here.
 
 #[path = "../tests/common/mod.rs"]
@@ -34,6 +35,9 @@ fn scenarios() -> Vec<Scenario> {
     let s = |devices, spec, qos, rate, count| Scenario { devices, spec, qos, rate, count };
     if quick {
         return vec![s(4, JSON, 1, 0, 20_000), s(16, JSON, 0, 1000, 5_000)];
+    }
+    if std::env::var("SG_BENCH").is_ok_and(|v| v == "overload") {
+        return vec![s(16, JSON, 0, 0, 12_500)];
     }
     vec![
         s(1, JSON, 0, 0, 200_000),
