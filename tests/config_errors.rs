@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 const EX_CONFIG: i32 = 78;
@@ -235,13 +234,7 @@ fn find<'a>(found: &'a [(Option<usize>, String)], want: &Want) -> Result<&'a (Op
 }
 
 fn check(path: &Path) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .args(["check", "--config"])
-        .arg(path)
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .output()
-        .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    common::sensorgate("check", path)
 }
 
 #[test]

@@ -234,22 +234,12 @@ fn check_names_file_key_and_fix_and_exits_78() {
         "[gateway]\nid = \"a/b\"\n[mqtt]\nqos = 2\n[[device]]\nname = \"x\"\npath = \"/dev/ttyUSB0\"\nframing = \"lines\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (status, _, err) = common::sensorgate("check", &path);
+    assert_eq!(status, Some(78));
     assert!(err.contains(&*path.to_string_lossy()), "{err}");
     assert!(err.contains("gateway.id") && err.contains("mqtt.qos") && err.contains("fix:"), "{err}");
     // `run` refuses the same file with the same status, before touching any port.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(common::sensorgate("run", &path).0, Some(78));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -167,21 +167,11 @@ fn unreadable_or_half_given_tls_files_are_config_errors() {
     let path = dir.path().join("bad.toml");
     let a = dir.path().join("a");
     std::fs::write(&path, config(8883, &a, "ca_file = \"/nonexistent/ca.pem\"\nclient_cert = \"/x.pem\"")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (status, _, err) = common::sensorgate("check", &path);
+    assert_eq!(status, Some(78));
     assert!(err.contains("mqtt.tls.client_cert") && err.contains("client_key go together"), "{err}");
     std::fs::write(&path, config(8883, &a, "ca_file = \"/nonexistent/ca.pem\"")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (status, _, err) = common::sensorgate("check", &path);
+    assert_eq!(status, Some(78));
     assert!(err.contains("mqtt.tls") && err.contains("/nonexistent/ca.pem"), "{err}");
 }

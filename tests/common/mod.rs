@@ -409,3 +409,15 @@ pub fn assert_identities(dev: &serde_json::Value) {
         .sum();
     assert_eq!(by_reason, rejected, "rejected.total is the sum of the reasons: {dev}");
 }
+
+/// Runs `sensorgate <command> --config <path>` to completion: (exit status, stdout, stderr).
+pub fn sensorgate(command: &str, path: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+        .args([command, "--config"])
+        .arg(path)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
