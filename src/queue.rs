@@ -35,7 +35,7 @@ pub struct LaneStats {
     pub republished: u64,
 }
 
-/// Something the sink should publish next.
+/// Something the connection task should publish next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
     Reading { device: usize, payload: Bytes },
@@ -422,7 +422,7 @@ mod tests {
         }
     }
 
-    /// Stalled sink, capacity 4, 10 pushes: 6 dropped oldest, 7..=10 remain in order.
+    /// Stalled connection, capacity 4, 10 pushes: 6 dropped oldest, 7..=10 remain in order.
     #[test]
     fn drops_oldest_with_exact_counts() {
         let q = ReadingQueue::new(1, 4, 1 << 20, None, 10);

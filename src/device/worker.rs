@@ -1,6 +1,6 @@
 //! The decode thread of one device session: framing, decoding, pushing into the queue.
 //! Plain blocking code on its own std::thread, so a slow or pathological decoder can only
-//! delay its own device, never a tokio worker (and so never another device or the sink).
+//! delay its own device, never a tokio worker (and so never another device or the MQTT connection).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
