@@ -242,12 +242,16 @@ impl Core {
     fn start_mqtt(&self, config: &Config) -> Result<MqttSide, AppError> {
         let opts = mqtt::ConnectOptions::new(config, &self.topics)?;
         let on_connect = {
-            let (registry, discovery) = (Arc::clone(&self.registry), Arc::clone(&self.discovery));
+            let (registry, discovery, queue) =
+                (Arc::clone(&self.registry), Arc::clone(&self.discovery), Arc::clone(&self.queue));
             Box::new(move || {
-                let mut out: Vec<Control> = registry.snapshot().iter().map(|d| d.state_message(&d.status())).collect();
+                // Device states are queued here, each under its device's status lock, so a
+                // state change racing the reconnect cannot be overtaken by a stale snapshot.
+                for d in registry.snapshot() {
+                    d.republish_state(&queue);
+                }
                 let d = discovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                out.extend(d.iter().flat_map(Discovery::messages));
-                out
+                d.iter().flat_map(Discovery::messages).collect::<Vec<Control>>()
             })
         };
         // Filled in below, once `shared` exists: the final metrics are read from it.

@@ -106,7 +106,7 @@ impl DeviceRuntime {
 
     /// Records a state change and queues the retained state message.
     pub fn set_state(&self, queue: &ReadingQueue, state: State, error: Option<String>) {
-        let status = {
+        {
             let mut s = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             s.state = state;
             s.since = now_rfc3339();
@@ -114,14 +114,21 @@ impl DeviceRuntime {
             if error.is_some() {
                 s.last_error = error;
             }
-            s.clone()
-        };
+            // Queued under the status lock, like `republish_state`: a snapshot taken for a
+            // reconnect can then never be queued after (and so replace) a newer state.
+            queue.push_control(self.state_message(&s));
+        }
         tracing::info!(device = self.name(), state = ?state, "Device state changed.");
-        queue.push_control(self.state_message(&status));
+    }
+
+    /// Queues the current state again (after a reconnect: the broker may have lost it).
+    pub fn republish_state(&self, queue: &ReadingQueue) {
+        let s = self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        queue.push_control(self.state_message(&s));
     }
 
     /// The retained state message for `status`.
-    pub fn state_message(&self, status: &Status) -> Control {
+    fn state_message(&self, status: &Status) -> Control {
         let payload = serde_json::to_vec(status).expect("status serialises");
         Control { topic: self.state_topic.clone(), payload: Bytes::from(payload), retain: true }
     }
