@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cpu_seconds, memory_mib, write_all, Gateway, Mosquitto, Subscriber};
+use common::{cpu_seconds, memory_mib, write_all, Gateway, Mosquitto, Rng, Subscriber};
 use sensorgate::config::{Format, Framing};
 use sensorgate::simulate::{PtyLink, SimSpec};
 use serde_json::Value;
@@ -29,22 +29,6 @@ const SPECS: [SimSpec; 3] = [
 const POOL: usize = 8 << 20;
 /// Longest oversize run (no delimiter at all); runs are 2 KiB up to this.
 const MAX_RUN: usize = 8 << 10;
-
-/// xorshift64*: seeded, so every run floods with the same bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 32) % n as u64) as usize
-    }
-}
 
 /// The first half uniform bytes (a delimiter every 256 bytes on average: mostly oversize
 /// frames for COBS, decoder food for lines); the second half with a '\n' or 0x00 about every

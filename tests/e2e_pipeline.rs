@@ -67,21 +67,8 @@ async fn four_devices_in_mixed_framings_deliver_every_reading_in_order() {
 
     // All devices write at once, as fast as the gateway reads.
     let started = std::time::Instant::now();
-    let writers: Vec<_> = ptys
-        .into_iter()
-        .zip(specs)
-        .map(|(mut pty, (_, spec))| {
-            let bytes = render(spec, 0..N);
-            tokio::spawn(async move {
-                write_all(&mut pty.master, &bytes).await;
-                pty
-            })
-        })
-        .collect();
-    let mut ptys = Vec::new();
-    for w in writers {
-        ptys.push(w.await.unwrap());
-    }
+    let streams = specs.iter().map(|(_, spec)| render(*spec, 0..N)).collect();
+    let ptys = common::write_concurrently(ptys, streams).await;
 
     let mut readings: BTreeMap<String, Vec<Msg>> = BTreeMap::new();
     while readings.values().map(Vec::len).sum::<usize>() < (4 * N) as usize {

@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{memory_mib, n, write_all, Gateway, Mosquitto, Msg, Subscriber};
+use common::{memory_mib, n, write_concurrently, Gateway, Mosquitto, Msg, Rng, Subscriber};
 use sensorgate::config::{Format, Framing};
 use sensorgate::simulate::{PtyLink, SimSpec};
 use serde_json::Value;
@@ -271,31 +271,19 @@ fn hostile(dev: &Dev) -> Vec<Input> {
     v
 }
 
-/// xorshift64*: seeded, so the garbage (and so the test) is the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// `n` random bytes; with `delim_every` > 0, about one in `delim_every` is `delim` (short
-    /// frames that reach the decoders rather than the frame cap).
-    fn garbage(&mut self, n: usize, delim: u8, delim_every: u64) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                let r = self.next();
-                if delim_every > 0 && (r >> 32) % delim_every == 0 {
-                    delim
-                } else {
-                    r as u8
-                }
-            })
-            .collect()
-    }
+/// `n` random bytes; with `delim_every` > 0, about one in `delim_every` is `delim` (short
+/// frames that reach the decoders rather than the frame cap).
+fn garbage(rng: &mut Rng, n: usize, delim: u8, delim_every: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            let r = rng.next();
+            if delim_every > 0 && (r >> 32) % delim_every == 0 {
+                delim
+            } else {
+                r as u8
+            }
+        })
+        .collect()
 }
 
 /// Frames, and oversize frames among them, in `bytes` (which ends with a delimiter), by the
@@ -417,7 +405,7 @@ async fn hostile_input_is_counted_by_reason_and_survived_on_every_framing() {
             s
         })
         .collect();
-    let mut ptys = write_concurrently(ptys, &streams).await;
+    let mut ptys = write_concurrently(ptys, streams.clone()).await;
     let mut seen = Seen::default();
     let want_readings: Vec<u64> =
         inputs.iter().map(|i| i.iter().filter(|i| i.outcome == Reading).count() as u64 + 1).collect();
@@ -459,8 +447,8 @@ async fn hostile_input_is_counted_by_reason_and_survived_on_every_framing() {
     let garbage: Vec<Vec<u8>> = DEVS
         .iter()
         .map(|dev| {
-            let mut g = rng.garbage(256 * 1024, dev.delim(), 0);
-            g.extend(rng.garbage(64 * 1024, dev.delim(), 16));
+            let mut g = garbage(&mut rng, 256 * 1024, dev.delim(), 0);
+            g.extend(garbage(&mut rng, 64 * 1024, dev.delim(), 16));
             g.push(dev.delim());
             g
         })
@@ -474,7 +462,7 @@ async fn hostile_input_is_counted_by_reason_and_survived_on_every_framing() {
             s
         })
         .collect();
-    ptys = write_concurrently(ptys, &streams).await;
+    ptys = write_concurrently(ptys, streams.clone()).await;
     seen.until(&mut sub, Duration::from_secs(20), |s| {
         DEVS.iter().zip(&want_readings).all(|(dev, &want)| settled(s, dev, want + 1))
     })
@@ -526,24 +514,4 @@ async fn hostile_input_is_counted_by_reason_and_survived_on_every_framing() {
     let log = gw.log_text();
     assert!(!log.contains("panicked") && !log.contains("ERROR"), "{log}");
     drop(ptys);
-}
-
-/// Writes each stream to its port, all ports at once; returns the ports once everything is
-/// written (the gateway reads as it goes: the pseudo-terminal buffer is small).
-async fn write_concurrently(ptys: Vec<PtyLink>, streams: &[Vec<u8>]) -> Vec<PtyLink> {
-    let tasks: Vec<_> = ptys
-        .into_iter()
-        .zip(streams.iter().cloned())
-        .map(|(mut pty, bytes)| {
-            tokio::spawn(async move {
-                write_all(&mut pty.master, &bytes).await;
-                pty
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(tokio::time::timeout(Duration::from_secs(20), t).await.expect("written in time").unwrap());
-    }
-    out
 }

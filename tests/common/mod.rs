@@ -421,3 +421,43 @@ pub fn sensorgate(command: &str, path: &Path) -> (Option<i32>, String, String) {
         .unwrap();
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+/// xorshift64*: seeded, so generated garbage (and so a test or bench) is the same every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.next() >> 32) % n as u64) as usize
+    }
+}
+
+/// Writes each stream to its port, all ports at once; returns the ports once everything is
+/// written (the gateway reads as it goes: the pseudo-terminal buffer is small).
+pub async fn write_concurrently(
+    ptys: Vec<sensorgate::simulate::PtyLink>,
+    streams: Vec<Vec<u8>>,
+) -> Vec<sensorgate::simulate::PtyLink> {
+    let tasks: Vec<_> = ptys
+        .into_iter()
+        .zip(streams)
+        .map(|(mut pty, bytes)| {
+            tokio::spawn(async move {
+                write_all(&mut pty.master, &bytes).await;
+                pty
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(tokio::time::timeout(Duration::from_secs(20), t).await.expect("written in time").unwrap());
+    }
+    out
+}
