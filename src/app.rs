@@ -240,7 +240,7 @@ impl Core {
     }
 
     fn start_mqtt(&self, config: &Config) -> Result<MqttSide, AppError> {
-        let opts = mqtt::ConnectOptions::new(config, &self.topics)?;
+        let (opts, connector) = mqtt::ConnectOptions::new(config, &self.topics)?;
         let on_connect = {
             let (registry, discovery, queue) =
                 (Arc::clone(&self.registry), Arc::clone(&self.discovery), Arc::clone(&self.queue));
@@ -279,14 +279,15 @@ impl Core {
         let switching = CancellationToken::new();
         let helpers_stop = self.draining.child_token();
         let backoff = Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max, self.hooks.jitter);
+        let stops =
+            mqtt::Stops { draining: self.draining.clone(), switching: switching.clone(), hard_stop: hard_stop.clone() };
         let conn = tokio::spawn(mqtt::run_connection(
+            connector,
             opts,
             Arc::clone(&shared),
             backoff,
             self.live.beat_for(CONNECTION),
-            self.draining.clone(),
-            switching.clone(),
-            hard_stop.clone(),
+            stops,
         ));
         let metrics_task = tokio::spawn(metrics_loop(
             Arc::clone(&self.config),
@@ -600,6 +601,10 @@ fn metrics_message(config: &Config, devices: &[Arc<DeviceRuntime>], shared: &Mqt
             incoming_dropped: shared.incoming_dropped.load(Relaxed),
             connection_errors: shared.connection_errors.load(Relaxed),
             last_error: shared.last_error(),
+            incoming_oversize: shared.incoming_oversize.load(Relaxed),
+            subscriptions_refused: shared.subscriptions_refused.load(Relaxed),
+            messages_refused: shared.controls_refused.load(Relaxed),
+            puback_refused: shared.puback_refusals(),
         },
     );
     let payload = serde_json::to_vec(&m).expect("metrics serialise");

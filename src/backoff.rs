@@ -28,6 +28,11 @@ impl Backoff {
         }
     }
 
+    /// Whether delays are drawn at random (off in tests that need exact timing).
+    pub fn has_jitter(&self) -> bool {
+        self.jitter
+    }
+
     /// After a healthy period: start again from `min`.
     pub fn reset(&mut self) {
         self.next = self.min;

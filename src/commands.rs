@@ -6,13 +6,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rumqttc::Publish;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::device::Registry;
 use crate::homeassistant::SharedDiscovery;
+use crate::mqtt::Message;
 use crate::queue::{Control, ReadingQueue};
 use crate::topics::Topics;
 
@@ -32,7 +32,7 @@ pub struct CommandContext {
 }
 
 /// Handles incoming messages until `stop`.
-pub async fn run(ctx: CommandContext, mut rx: mpsc::Receiver<Publish>, stop: CancellationToken) {
+pub async fn run(ctx: CommandContext, mut rx: mpsc::Receiver<Message>, stop: CancellationToken) {
     loop {
         let p = tokio::select! {
             biased;
@@ -47,7 +47,7 @@ pub async fn run(ctx: CommandContext, mut rx: mpsc::Receiver<Publish>, stop: Can
 }
 
 impl CommandContext {
-    fn handle(&self, p: &Publish) {
+    fn handle(&self, p: &Message) {
         let birth = {
             let d = self.discovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             d.as_ref().filter(|d| p.topic == d.status_topic).map(|d| d.messages())

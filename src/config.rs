@@ -122,6 +122,10 @@ pub struct MqttConfig {
     pub reconnect_max: Duration,
     /// `[mqtt.tls]`: connect with TLS (mqtts); absent means plain TCP.
     pub tls: Option<TlsConfig>,
+    /// Protocol: 4 (MQTT 3.1.1, the default) or 5 (the broker's limits, PUBACK reason codes,
+    /// message expiry and response topics are then used).
+    #[serde(default = "d_mqtt_version")]
+    pub version: u8,
 }
 
 /// TLS to the broker (rustls with the ring provider). The broker's certificate is checked
@@ -221,6 +225,7 @@ impl Default for MqttConfig {
             reconnect_min: d_backoff_min(),
             reconnect_max: d_backoff_max(),
             tls: None,
+            version: d_mqtt_version(),
         }
     }
 }
@@ -395,6 +400,9 @@ fn d_keep_alive() -> Duration {
 }
 fn d_connect_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn d_mqtt_version() -> u8 {
+    4
 }
 fn d_inflight() -> u16 {
     100
@@ -665,6 +673,13 @@ impl Config {
         }
         if m.connect_timeout < Duration::from_secs(1) {
             p.push(Problem::new("mqtt.connect_timeout", "must be at least 1s", "use e.g. \"10s\""));
+        }
+        if !matches!(m.version, 4 | 5) {
+            p.push(Problem::new(
+                "mqtt.version",
+                format!("MQTT protocol version {} is not supported", m.version),
+                "use 4 (MQTT 3.1.1, the default) or 5 (MQTT 5)",
+            ));
         }
         if m.inflight == 0 {
             p.push(Problem::new("mqtt.inflight", "must be at least 1", "use e.g. 100"));

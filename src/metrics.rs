@@ -41,6 +41,17 @@ pub struct MqttMetrics {
     pub connection_errors: u64,
     /// The most recent of them (e.g. a TLS certificate error); absent if none yet.
     pub last_error: Option<String>,
+    /// Incoming messages over 256 KiB, skipped (acknowledged, never handled).
+    pub incoming_oversize: u64,
+    /// Subscriptions (commands, Home Assistant's status) the broker refused on the last
+    /// connection: its ACL does not let this user read them.
+    pub subscriptions_refused: u64,
+    /// Gateway messages (state, discovery, responses) that MQTT or the broker's packet-size
+    /// limit could not carry, dropped.
+    pub messages_refused: u64,
+    /// MQTT 5: publishes the broker refused in its PUBACK, by reason (`quota_exceeded`,
+    /// `not_authorized`, `payload_format_invalid`, …); those readings count as `poisoned`.
+    pub puback_refused: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// The gateway process itself.

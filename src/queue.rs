@@ -31,6 +31,8 @@ pub struct LaneStats {
     pub delivered: u64,
     pub dropped_oldest: u64,
     pub expired: u64,
+    /// Readings the broker would not take (see the MQTT connection), dropped.
+    pub poisoned: u64,
     /// Readings sent again after a connection loss (possible duplicates at the broker).
     pub republished: u64,
 }
@@ -60,6 +62,15 @@ struct Entry {
     seq: u64,
     payload: Bytes,
     at: Instant,
+    /// Connections the broker closed while this was the oldest reading in flight.
+    strikes: u32,
+}
+
+/// A reading dropped because the broker kept hanging up on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poisoned {
+    pub device: Arc<str>,
+    pub bytes: usize,
 }
 
 #[derive(Debug)]
@@ -181,7 +192,7 @@ impl ReadingQueue {
         lane.stats.readings += 1;
         lane.stats.queued += 1;
         lane.stats.queued_bytes += size as u64;
-        lane.items.push_back(Entry { seq, payload, at: now });
+        lane.items.push_back(Entry { seq, payload, at: now, strikes: 0 });
         let evicted = q.enforce_bounds(device);
         drop(q);
         self.notify.notify_one();
@@ -331,6 +342,50 @@ impl ReadingQueue {
         n
     }
 
+    /// The broker closed the connection: the oldest reading still awaiting its PUBACK is the
+    /// one the broker read last before hanging up, so it gets a strike (kept through
+    /// requeueing); at `limit` strikes it is dropped and counted as `poisoned`. Call before
+    /// [`requeue_in_flight`](Self::requeue_in_flight).
+    pub fn strike_oldest_in_flight(&self, limit: u32) -> Option<Poisoned> {
+        let mut q = self.lock();
+        let slot = (q.awaiting_ack.iter().enumerate())
+            .filter_map(|(i, s)| match s {
+                Some(InFlight::Reading { entry, .. }) => Some((entry.seq, i)),
+                _ => None,
+            })
+            .min()?
+            .1;
+        let Some(InFlight::Reading { device, entry }) = &mut q.awaiting_ack[slot] else { return None };
+        entry.strikes += 1;
+        if entry.strikes < limit {
+            return None;
+        }
+        let (device, bytes) = (*device, entry.payload.len());
+        let poisoned = Poisoned { device: Arc::clone(&q.lanes[device].name), bytes };
+        let item = q.awaiting_ack[slot].take()?;
+        q.poisoned(item);
+        Some(poisoned)
+    }
+
+    /// The client could not send what it popped last (over the packet-size limit, a topic
+    /// MQTT cannot carry): a reading is counted as `poisoned`, never sent.
+    pub fn refuse_popped(&self) {
+        let mut q = self.lock();
+        if let Some(item) = q.unassigned.pop_back() {
+            q.poisoned(item);
+        }
+    }
+
+    /// The broker refused packet `pkid` (an MQTT 5 PUBACK with a failure reason): sending it
+    /// again would get the same answer, so a reading is counted as `poisoned`.
+    pub fn on_refused(&self, pkid: u16) {
+        let mut q = self.lock();
+        match q.awaiting_ack.get_mut(usize::from(pkid)).and_then(Option::take) {
+            Some(item) => q.poisoned(item),
+            None => tracing::warn!(pkid, "Refusal for a packet id not in flight."),
+        }
+    }
+
     /// Waits until something may have been queued since the last pop.
     pub async fn notified(&self) {
         self.notify.notified().await;
@@ -399,6 +454,14 @@ impl Inner {
             let s = &mut self.lanes[device].stats;
             s.in_flight -= 1;
             s.delivered += 1;
+        }
+    }
+
+    fn poisoned(&mut self, item: InFlight) {
+        if let InFlight::Reading { device, .. } = item {
+            let s = &mut self.lanes[device].stats;
+            s.in_flight -= 1;
+            s.poisoned += 1;
         }
     }
 
