@@ -35,8 +35,13 @@ struct Peer {
 }
 
 impl Peer {
-    /// The next packet we sent, decoded by rumqttc's codec (not ours).
+    /// The next packet we sent, decoded by rumqttc's codec (not ours). Time is paused, so
+    /// the generous limit fires at once when nothing more will come: a failure, not a hang.
     async fn packet(&mut self) -> v4::Packet {
+        tokio::time::timeout(Duration::from_secs(600), self.next_packet()).await.expect("a packet within 600 s")
+    }
+
+    async fn next_packet(&mut self) -> v4::Packet {
         loop {
             match v4::Packet::read(&mut self.buf, 1 << 20) {
                 Ok(p) => return p,
@@ -88,15 +93,18 @@ impl Peer {
         self.send(&b).await;
     }
 
-    /// True once the gateway closed its end.
+    /// True once the gateway closed its end (within 600 s).
     async fn closed(&mut self) -> bool {
         let mut scratch = [0u8; 4096];
-        loop {
-            match self.io.read(&mut scratch).await {
-                Ok(0) | Err(_) => return true,
-                Ok(_) => {}
+        let eof = async {
+            loop {
+                match self.io.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
             }
-        }
+        };
+        tokio::time::timeout(Duration::from_secs(600), eof).await.is_ok()
     }
 }
 
@@ -172,7 +180,7 @@ async fn bytes_after_the_connack_are_kept() {
     publish.retain = true;
     publish.write(&mut seg).unwrap();
     p.send(&seg).await;
-    let m = h.incoming.recv().await.unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(600), h.incoming.recv()).await.expect("delivered").unwrap();
     assert_eq!((m.topic.as_str(), m.retain), ("sg/gw/cmd/metrics", true));
     assert!(matches!(p.until(|p| matches!(p, v4::Packet::PubAck(_))).await, v4::Packet::PubAck(a) if a.pkid == 7));
     assert_eq!(h.shared.connection_errors.load(Relaxed), 0);
