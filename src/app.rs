@@ -416,6 +416,9 @@ impl Core {
             let _ = (&mut old.conn).await;
         }
         let requeued = self.queue.requeue_in_flight();
+        // The ledger is empty now: size it for the new window before packet ids above the
+        // old one are handed out.
+        self.queue.set_max_inflight(next.mqtt.inflight);
         tracing::info!(requeued, "MQTT settings changed; reconnecting with the new ones.");
         self.start_mqtt(next)
     }
@@ -500,6 +503,7 @@ impl Core {
                 delivered = s.delivered,
                 dropped_oldest = s.dropped_oldest,
                 expired = s.expired,
+                poisoned = s.poisoned,
                 lost,
                 "Final accounting."
             );
