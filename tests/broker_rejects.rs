@@ -22,7 +22,7 @@ const BROKER_LIMIT: usize = 2048;
 fn config(port: u16, path: &Path, max_packet_size: &str) -> String {
     format!(
         "[gateway]\nid = \"it\"\nmetrics_interval = \"200ms\"\nshutdown_timeout = \"5s\"\n\
-         [mqtt]\nport = {port}\nqos = 1\n# {max_packet_size}\n\
+         [mqtt]\nport = {port}\nqos = 1\nmax_packet_size = \"{max_packet_size}\"\n\
          reconnect_min = \"100ms\"\nreconnect_max = \"300ms\"\n\
          [[device]]\nname = \"a\"\npath = \"{}\"\nframing = \"lines\"\nmax_frame = \"4KiB\"\n",
         path.display()
