@@ -25,6 +25,7 @@ use crate::liveness::{Liveness, BEAT_EVERY};
 use crate::metrics::{self, MqttMetrics};
 use crate::mqtt::{self, MqttShared};
 use crate::queue::{Control, LaneStats, ReadingQueue};
+use crate::reading::PacketLimit;
 use crate::topics::Topics;
 
 /// Device restart backoff bounds.
@@ -146,6 +147,8 @@ struct Core {
     config: Arc<RwLock<Config>>,
     topics: Topics,
     queue: Arc<ReadingQueue>,
+    /// `mqtt.max_packet_size`, shared with every device's decode thread.
+    packet_limit: PacketLimit,
     registry: Arc<Registry>,
     live: Arc<Liveness>,
     discovery: SharedDiscovery,
@@ -191,6 +194,7 @@ impl Core {
             config: Arc::new(RwLock::new(config.clone())),
             topics,
             queue,
+            packet_limit: PacketLimit::new(config.mqtt.max_packet_size as usize),
             registry: Arc::default(),
             live: Liveness::new([CONNECTION.to_string()]),
             discovery: Arc::new(std::sync::Mutex::new(discovery)),
@@ -210,7 +214,8 @@ impl Core {
             Some(p) => p.with_config(config.clone()),
             None => {
                 let lane = self.queue.add_lane(&config.name);
-                DeviceRuntime::new(lane, config.clone(), self.topics.device_state(&config.name))
+                let limit = self.packet_limit.for_topic(&self.topics.readings(&config.name));
+                DeviceRuntime::new(lane, config.clone(), self.topics.device_state(&config.name), limit)
             }
         });
         let ctx = SupervisorContext {
@@ -333,6 +338,9 @@ impl Core {
             return Ok(());
         }
         let deadline = Instant::now() + next.gateway.shutdown_timeout;
+        // Before devices restart or the connection is switched: a reading built from now on
+        // meets the new limit.
+        self.packet_limit.set(next.mqtt.max_packet_size as usize);
         if next.queue != old.queue {
             let evicted =
                 self.queue.set_bounds(next.queue.max_readings.get(), next.queue.max_bytes as usize, next.queue.max_age);
@@ -417,6 +425,9 @@ impl Core {
             let _ = (&mut old.conn).await;
         }
         let requeued = self.queue.requeue_in_flight();
+        // The ledger is empty now: size it for the new window before packet ids above the
+        // old one are handed out.
+        self.queue.set_max_inflight(next.mqtt.inflight);
         tracing::info!(requeued, "MQTT settings changed; reconnecting with the new ones.");
         self.start_mqtt(next)
     }
@@ -501,6 +512,7 @@ impl Core {
                 delivered = s.delivered,
                 dropped_oldest = s.dropped_oldest,
                 expired = s.expired,
+                poisoned = s.poisoned,
                 lost,
                 "Final accounting."
             );

@@ -9,6 +9,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+/// `mqtt.max_packet_size` bounds: below 128 bytes no reading fits beside its topic; above is
+/// more than MQTT's remaining-length field can express.
+const MIN_PACKET_SIZE: u64 = 128;
+const MAX_PACKET_SIZE: u64 = 268_435_455;
+
 /// The whole gateway configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +121,12 @@ pub struct MqttConfig {
     /// Publishes sent but not yet acknowledged (QoS 1) at any moment.
     #[serde(default = "d_inflight")]
     pub inflight: u16,
+    /// The largest PUBLISH (fixed header, topic, packet id and payload) the broker accepts.
+    /// A reading that would exceed it is rejected (`oversize_packet`) when it is built: an
+    /// MQTT 3.1.1 broker answers an oversized packet by closing the connection. Set it to the
+    /// broker's limit (mosquitto: `max_packet_size`). Default 256KiB (frames are at most 64KiB).
+    #[serde(default = "d_max_packet_size", deserialize_with = "de_size")]
+    pub max_packet_size: u64,
     #[serde(default = "d_backoff_min", deserialize_with = "de_duration")]
     pub reconnect_min: Duration,
     #[serde(default = "d_backoff_max", deserialize_with = "de_duration")]
@@ -222,6 +233,7 @@ impl Default for MqttConfig {
             username: None,
             password_file: None,
             inflight: d_inflight(),
+            max_packet_size: d_max_packet_size(),
             reconnect_min: d_backoff_min(),
             reconnect_max: d_backoff_max(),
             tls: None,
@@ -406,6 +418,9 @@ fn d_mqtt_version() -> u8 {
 }
 fn d_inflight() -> u16 {
     100
+}
+fn d_max_packet_size() -> u64 {
+    256 * 1024
 }
 fn d_backoff_min() -> Duration {
     Duration::from_millis(200)
@@ -683,6 +698,13 @@ impl Config {
         }
         if m.inflight == 0 {
             p.push(Problem::new("mqtt.inflight", "must be at least 1", "use e.g. 100"));
+        }
+        if !(MIN_PACKET_SIZE..=MAX_PACKET_SIZE).contains(&m.max_packet_size) {
+            p.push(Problem::new(
+                "mqtt.max_packet_size",
+                "must be between 128 bytes and 268435455 bytes (MQTT's largest packet)",
+                "use the broker's limit, e.g. \"256KiB\"",
+            ));
         }
         if m.reconnect_min.is_zero() || m.reconnect_min > m.reconnect_max {
             p.push(Problem::new(
@@ -1016,5 +1038,17 @@ baud = 0
         let c = Config::from_toml(&text).unwrap();
         assert_eq!(c.devices[0].max_frame(), 2048);
         assert_eq!(c.queue.max_bytes, 65536);
+    }
+
+    #[test]
+    fn max_packet_size_takes_a_size_and_is_bounded() {
+        assert_eq!(Config::from_toml(MINIMAL).unwrap().mqtt.max_packet_size, 256 * 1024);
+        let with = |v: &str| Config::from_toml(&format!("{MINIMAL}[mqtt]\nmax_packet_size = {v}\n"));
+        assert_eq!(with("\"512B\"").unwrap().mqtt.max_packet_size, 512);
+        assert_eq!(with("268435455").unwrap().mqtt.max_packet_size, 268_435_455);
+        for bad in ["127", "\"256MiB\""] {
+            let p = with(bad).unwrap_err();
+            assert_eq!(p.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), ["mqtt.max_packet_size"], "{bad}");
+        }
     }
 }

@@ -25,6 +25,10 @@ pub struct QueueMetrics {
     pub bytes: usize,
     pub max_readings: usize,
     pub max_bytes: u64,
+    /// Control messages (state, metrics, responses) dropped as poisoned.
+    pub poisoned_control: u64,
+    /// Reports from the MQTT client that contradicted the queue's ledger: bugs, logged at ERROR.
+    pub ledger_errors: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,7 +89,7 @@ impl ProcessMetrics {
     }
 }
 
-/// Per device. `readings = delivered + dropped_oldest + expired + queued + in_flight` and
+/// Per device. `readings = delivered + dropped_oldest + expired + poisoned + queued + in_flight` and
 /// `frames_in = readings + rejected.total` hold in every snapshot.
 #[derive(Debug, Serialize)]
 pub struct DeviceMetrics {
@@ -98,6 +102,8 @@ pub struct DeviceMetrics {
     pub delivered: u64,
     pub dropped_oldest: u64,
     pub expired: u64,
+    /// Dropped after the broker closed the connection on them repeatedly.
+    pub poisoned: u64,
     pub queued: u64,
     pub in_flight: u64,
     pub republished: u64,
@@ -131,6 +137,7 @@ pub fn snapshot<'a>(
         .collect();
     let lanes = queue.stats();
     let (depth, bytes) = queue.depth();
+    let ledger = queue.counters();
     let devices = devices
         .iter()
         .zip(counters)
@@ -148,6 +155,7 @@ pub fn snapshot<'a>(
                 delivered: lane.delivered,
                 dropped_oldest: lane.dropped_oldest,
                 expired: lane.expired,
+                poisoned: lane.poisoned,
                 queued: lane.queued,
                 in_flight: lane.in_flight,
                 republished: lane.republished,
@@ -165,6 +173,8 @@ pub fn snapshot<'a>(
             bytes,
             max_readings: config.max_readings.get(),
             max_bytes: config.max_bytes,
+            poisoned_control: ledger.poisoned_control,
+            ledger_errors: ledger.ledger_errors,
         },
         mqtt,
         devices,

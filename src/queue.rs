@@ -10,8 +10,17 @@
 //! A reading leaves the ledger only when delivered: acknowledged (QoS 1) or written (QoS 0).
 //! Readings in flight when the connection drops go back to the front of their device's lane
 //! (counted as `republished`): the session is clean, so the broker keeps nothing for us.
+//!
+//! Poisoned readings, [`ReadingQueue::strike_oldest_in_flight`]: an MQTT 3.1.1 broker answers
+//! a publish it refuses (too large, topic not allowed) by closing the connection, so a reading
+//! put back at the front would be refused again after every reconnect and stall every device
+//! behind it. When the broker closes the connection, the oldest unacknowledged publish gets a
+//! strike; strikes survive the requeue and vanish with delivery, and a reading struck `limit`
+//! times is dropped and counted (`poisoned`). Who loses data: the one reading the broker would
+//! never take (or, rarely, an innocent one whose acknowledgements were lost `limit` times in a
+//! row).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +29,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Per-device accounting kept by the queue. Together with the decoder's counters it makes
-/// `readings = delivered + dropped_oldest + expired + queued + in_flight` hold at every moment.
+/// `readings = delivered + dropped_oldest + expired + poisoned + queued + in_flight` hold at
+/// every moment.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct LaneStats {
     /// Readings ever pushed for this device.
@@ -31,7 +41,7 @@ pub struct LaneStats {
     pub delivered: u64,
     pub dropped_oldest: u64,
     pub expired: u64,
-    /// Readings the broker would not take (see the MQTT connection), dropped.
+    /// Dropped after the broker closed the connection on them `limit` times (see the module docs).
     pub poisoned: u64,
     /// Readings sent again after a connection loss (possible duplicates at the broker).
     pub republished: u64,
@@ -57,26 +67,52 @@ pub struct Control {
 /// command responses can reach this.
 const MAX_CONTROL: usize = 256;
 
+/// Ledger-level counters, not tied to a device.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// Control messages (state, metrics, responses) dropped as poisoned.
+    pub poisoned_control: u64,
+    /// Reports from the MQTT client that contradict the ledger (a packet id outside the
+    /// in-flight window or reused before its ack, a publish never handed out): bugs, logged
+    /// at ERROR. The readings concerned stay accounted for.
+    pub ledger_errors: u64,
+}
+
+/// A publish dropped by [`ReadingQueue::strike_oldest_in_flight`], for the caller to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Poisoned {
+    /// A reading of queue lane `device`, named `name`.
+    Reading { device: usize, name: Arc<str>, payload: Bytes },
+    /// A control message.
+    Control { topic: String, payload: Bytes },
+}
+
 #[derive(Debug)]
 struct Entry {
     seq: u64,
     payload: Bytes,
     at: Instant,
-    /// Connections the broker closed while this was the oldest reading in flight.
+    /// Connections the broker closed while this was its oldest unacknowledged publish.
     strikes: u32,
 }
 
-/// A reading dropped because the broker kept hanging up on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Poisoned {
-    pub device: Arc<str>,
-    pub bytes: usize,
+/// Something handed to the MQTT client and not yet delivered.
+#[derive(Debug)]
+struct InFlight {
+    /// Hand-out order, which is the order the broker sees the publishes in.
+    order: u64,
+    what: Sent,
 }
 
 #[derive(Debug)]
-enum InFlight {
-    Reading { device: usize, entry: Entry },
-    Control,
+enum Sent {
+    Reading {
+        device: usize,
+        entry: Entry,
+    },
+    /// Kept for its topic and size: control messages are not requeued (they are queued again
+    /// on connect), so their strikes are kept by topic instead.
+    Control(Control),
 }
 
 #[derive(Debug, Default)]
@@ -106,11 +142,19 @@ struct Inner {
     control: VecDeque<Control>,
     /// Handed to the MQTT client, packet id not yet known (in request order).
     unassigned: VecDeque<InFlight>,
-    /// Waiting for PUBACK, indexed by packet id.
+    /// Waiting for PUBACK, indexed by packet id; sized for the MQTT in-flight window.
     awaiting_ack: Vec<Option<InFlight>>,
     /// A publish whose packet id collided (a client that reuses ids before their ack); sent
     /// once that id is acked.
     collided: Option<(u16, InFlight)>,
+    /// Publishes displaced from `awaiting_ack` by a packet id reused before its ack (a client
+    /// bug): kept so that they are still accounted for and requeued.
+    stray: Vec<InFlight>,
+    /// Next hand-out order.
+    next_order: u64,
+    /// Strikes of control messages by topic (see [`Sent::Control`]).
+    control_strikes: HashMap<String, u32>,
+    counters: QueueCounters,
 }
 
 /// Bounded, drop-oldest, fair across devices; see the module docs for the policy.
@@ -142,6 +186,10 @@ impl ReadingQueue {
             unassigned: VecDeque::new(),
             awaiting_ack: (0..=max_inflight).map(|_| None).collect(),
             collided: None,
+            stray: Vec::new(),
+            next_order: 0,
+            control_strikes: HashMap::new(),
+            counters: QueueCounters::default(),
         };
         Self { inner: Mutex::new(inner), notify: Notify::new() }
     }
@@ -172,6 +220,17 @@ impl ReadingQueue {
         } else {
             q.enforce_bounds(heaviest)
         }
+    }
+
+    /// A new MQTT in-flight window (a reload): packet ids `1..=n` fit the ledger from now on.
+    /// Call it between connections, after [`requeue_in_flight`](Self::requeue_in_flight); a
+    /// publish still waiting for its ack keeps its slot even if the window shrinks below it.
+    pub fn set_max_inflight(&self, n: u16) {
+        let mut q = self.lock();
+        let occupied = q.awaiting_ack.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+        let len = (usize::from(n) + 1).max(occupied);
+        q.awaiting_ack.resize_with(len, || None);
+        q.awaiting_ack.shrink_to_fit();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -241,7 +300,8 @@ impl ReadingQueue {
     pub fn pop_next(&self) -> Option<Outbound> {
         let mut q = self.lock();
         if let Some(c) = q.control.pop_front() {
-            q.unassigned.push_back(InFlight::Control);
+            let order = q.take_order();
+            q.unassigned.push_back(InFlight { order, what: Sent::Control(c.clone()) });
             return Some(Outbound::Control(c));
         }
         loop {
@@ -255,13 +315,18 @@ impl ReadingQueue {
             }
             lane.stats.in_flight += 1;
             let payload = entry.payload.clone();
-            q.unassigned.push_back(InFlight::Reading { device, entry });
+            let order = q.take_order();
+            q.unassigned.push_back(InFlight { order, what: Sent::Reading { device, entry } });
             return Some(Outbound::Reading { device, payload });
         }
     }
 
     /// The client wrote the oldest unassigned publish as packet `pkid` (0 at QoS 0, where
     /// being written is being delivered).
+    ///
+    /// A packet id outside the in-flight window (see [`set_max_inflight`](Self::set_max_inflight))
+    /// is a bug in the caller: it is logged at ERROR and counted (`ledger_errors`), the table
+    /// grows so the publish stays accounted for, and debug builds panic.
     pub fn on_published(&self, pkid: u16) {
         let mut q = self.lock();
         let item = match q.collided.take() {
@@ -272,18 +337,28 @@ impl ReadingQueue {
             }
         };
         let Some(item) = item else {
+            q.counters.ledger_errors += 1;
             tracing::error!(pkid, "Publish reported by the MQTT client was not handed out by the queue.");
             return;
         };
         if pkid == 0 {
             q.delivered(item);
-        } else if let Some(slot) = q.awaiting_ack.get_mut(usize::from(pkid)) {
-            if slot.replace(item).is_some() {
-                tracing::error!(pkid, "Packet id reused before it was acknowledged.");
-            }
-        } else {
-            tracing::error!(pkid, "Packet id outside the in-flight window.");
+            return;
         }
+        let slot = usize::from(pkid);
+        let window = q.awaiting_ack.len() - 1;
+        if slot > window {
+            q.counters.ledger_errors += 1;
+            tracing::error!(pkid, window, "Packet id outside the in-flight window; keeping the publish in the ledger.");
+            q.awaiting_ack.resize_with(slot + 1, || None);
+        }
+        if let Some(old) = q.awaiting_ack[slot].replace(item) {
+            q.counters.ledger_errors += 1;
+            tracing::error!(pkid, "Packet id reused before it was acknowledged.");
+            q.stray.push(old);
+        }
+        drop(q);
+        debug_assert!(slot <= window, "packet id {pkid} outside the in-flight window 1..={window}");
     }
 
     /// The client holds the oldest unassigned publish back until `pkid` is acknowledged.
@@ -303,6 +378,69 @@ impl ReadingQueue {
         }
     }
 
+    /// The broker closed the connection while publishes were waiting for their acks: the
+    /// oldest of them (first written: the one the broker refused, unless its ack was lost in
+    /// the close) gets a strike. Call it before [`requeue_in_flight`](Self::requeue_in_flight).
+    /// At `limit` strikes the publish leaves the ledger, counted as `poisoned` (per device for
+    /// a reading, in [`QueueCounters::poisoned_control`] for a control message), and is
+    /// returned for the caller to log. Publishes not yet numbered (QoS 0) are never struck.
+    pub fn strike_oldest_in_flight(&self, limit: u32) -> Option<Poisoned> {
+        let mut guard = self.lock();
+        let q = &mut *guard;
+        let slot = q.awaiting_ack.iter().enumerate().filter_map(|(i, s)| Some((s.as_ref()?.order, i))).min()?.1;
+        let strikes = match &mut q.awaiting_ack[slot].as_mut()?.what {
+            Sent::Reading { entry, .. } => {
+                entry.strikes += 1;
+                entry.strikes
+            }
+            Sent::Control(c) => {
+                if q.control_strikes.len() >= MAX_CONTROL && !q.control_strikes.contains_key(&c.topic) {
+                    // Bounded: forget old strikes rather than grow with every response topic.
+                    q.control_strikes.clear();
+                }
+                let n = q.control_strikes.entry(c.topic.clone()).or_insert(0);
+                *n += 1;
+                *n
+            }
+        };
+        if strikes < limit.max(1) {
+            return None;
+        }
+        let item = q.awaiting_ack[slot].take()?;
+        Some(match item.what {
+            Sent::Reading { device, entry } => {
+                let lane = &mut q.lanes[device];
+                lane.stats.in_flight -= 1;
+                lane.stats.poisoned += 1;
+                Poisoned::Reading { device, name: Arc::clone(&lane.name), payload: entry.payload }
+            }
+            Sent::Control(c) => {
+                q.control_strikes.remove(&c.topic);
+                q.counters.poisoned_control += 1;
+                Poisoned::Control { topic: c.topic, payload: c.payload }
+            }
+        })
+    }
+
+    /// The client could not send what it popped last (over the packet-size limit, a topic
+    /// MQTT cannot carry): it is counted as poisoned, never sent.
+    pub fn refuse_popped(&self) {
+        let mut q = self.lock();
+        if let Some(item) = q.unassigned.pop_back() {
+            q.poisoned(item);
+        }
+    }
+
+    /// The broker refused packet `pkid` (an MQTT 5 PUBACK with a failure reason): sending it
+    /// again would get the same answer, so it is counted as poisoned.
+    pub fn on_refused(&self, pkid: u16) {
+        let mut q = self.lock();
+        match q.awaiting_ack.get_mut(usize::from(pkid)).and_then(Option::take) {
+            Some(item) => q.poisoned(item),
+            None => tracing::warn!(pkid, "Refusal for a packet id not in flight."),
+        }
+    }
+
     /// The connection dropped: every reading in flight goes back to the front of its lane, in
     /// order, to be published again. Control messages in flight are dropped (they are
     /// re-sent on connect). Returns how many readings were put back.
@@ -311,9 +449,10 @@ impl ReadingQueue {
         let mut back: Vec<(usize, Entry)> = Vec::new();
         let collided = q.collided.take().map(|(_, item)| item);
         let awaiting: Vec<InFlight> = q.awaiting_ack.iter_mut().filter_map(Option::take).collect();
-        let items = q.unassigned.drain(..).chain(collided).chain(awaiting).collect::<Vec<_>>();
+        let stray = std::mem::take(&mut q.stray);
+        let items = q.unassigned.drain(..).chain(collided).chain(awaiting).chain(stray).collect::<Vec<_>>();
         for item in items {
-            if let InFlight::Reading { device, entry } = item {
+            if let Sent::Reading { device, entry } = item.what {
                 back.push((device, entry));
             }
         }
@@ -342,50 +481,6 @@ impl ReadingQueue {
         n
     }
 
-    /// The broker closed the connection: the oldest reading still awaiting its PUBACK is the
-    /// one the broker read last before hanging up, so it gets a strike (kept through
-    /// requeueing); at `limit` strikes it is dropped and counted as `poisoned`. Call before
-    /// [`requeue_in_flight`](Self::requeue_in_flight).
-    pub fn strike_oldest_in_flight(&self, limit: u32) -> Option<Poisoned> {
-        let mut q = self.lock();
-        let slot = (q.awaiting_ack.iter().enumerate())
-            .filter_map(|(i, s)| match s {
-                Some(InFlight::Reading { entry, .. }) => Some((entry.seq, i)),
-                _ => None,
-            })
-            .min()?
-            .1;
-        let Some(InFlight::Reading { device, entry }) = &mut q.awaiting_ack[slot] else { return None };
-        entry.strikes += 1;
-        if entry.strikes < limit {
-            return None;
-        }
-        let (device, bytes) = (*device, entry.payload.len());
-        let poisoned = Poisoned { device: Arc::clone(&q.lanes[device].name), bytes };
-        let item = q.awaiting_ack[slot].take()?;
-        q.poisoned(item);
-        Some(poisoned)
-    }
-
-    /// The client could not send what it popped last (over the packet-size limit, a topic
-    /// MQTT cannot carry): a reading is counted as `poisoned`, never sent.
-    pub fn refuse_popped(&self) {
-        let mut q = self.lock();
-        if let Some(item) = q.unassigned.pop_back() {
-            q.poisoned(item);
-        }
-    }
-
-    /// The broker refused packet `pkid` (an MQTT 5 PUBACK with a failure reason): sending it
-    /// again would get the same answer, so a reading is counted as `poisoned`.
-    pub fn on_refused(&self, pkid: u16) {
-        let mut q = self.lock();
-        match q.awaiting_ack.get_mut(usize::from(pkid)).and_then(Option::take) {
-            Some(item) => q.poisoned(item),
-            None => tracing::warn!(pkid, "Refusal for a packet id not in flight."),
-        }
-    }
-
     /// Waits until something may have been queued since the last pop.
     pub async fn notified(&self) {
         self.notify.notified().await;
@@ -400,6 +495,11 @@ impl ReadingQueue {
     /// Per-device accounting.
     pub fn stats(&self) -> Vec<LaneStats> {
         self.lock().lanes.iter().map(|l| l.stats).collect()
+    }
+
+    /// Ledger-level counters.
+    pub fn counters(&self) -> QueueCounters {
+        self.lock().counters
     }
 
     /// Total readings and payload bytes queued (not counting in flight).
@@ -449,24 +549,42 @@ impl Inner {
         evicted
     }
 
-    fn delivered(&mut self, item: InFlight) {
-        if let InFlight::Reading { device, .. } = item {
-            let s = &mut self.lanes[device].stats;
-            s.in_flight -= 1;
-            s.delivered += 1;
+    fn take_order(&mut self) -> u64 {
+        self.next_order += 1;
+        self.next_order
+    }
+
+    /// Delivered: its strikes go with it.
+    fn poisoned(&mut self, item: InFlight) {
+        match item.what {
+            Sent::Reading { device, .. } => {
+                let s = &mut self.lanes[device].stats;
+                s.in_flight -= 1;
+                s.poisoned += 1;
+            }
+            Sent::Control(_) => self.counters.poisoned_control += 1,
         }
     }
 
-    fn poisoned(&mut self, item: InFlight) {
-        if let InFlight::Reading { device, .. } = item {
-            let s = &mut self.lanes[device].stats;
-            s.in_flight -= 1;
-            s.poisoned += 1;
+    fn delivered(&mut self, item: InFlight) {
+        match item.what {
+            Sent::Reading { device, .. } => {
+                let s = &mut self.lanes[device].stats;
+                s.in_flight -= 1;
+                s.delivered += 1;
+            }
+            Sent::Control(c) => {
+                if !self.control_strikes.is_empty() {
+                    self.control_strikes.remove(&c.topic);
+                }
+            }
         }
     }
 
     fn in_flight_count(&self) -> usize {
-        self.awaiting_ack.iter().filter(|s| s.is_some()).count() + usize::from(self.collided.is_some())
+        self.awaiting_ack.iter().filter(|s| s.is_some()).count()
+            + usize::from(self.collided.is_some())
+            + self.stray.len()
     }
 }
 
@@ -476,6 +594,31 @@ mod tests {
 
     fn payload(device: usize, n: u32) -> Bytes {
         Bytes::from(format!("d{device}-{n}"))
+    }
+
+    /// `readings = delivered + dropped_oldest + expired + poisoned + queued + in_flight`.
+    fn assert_identity(s: LaneStats) {
+        assert_eq!(
+            s.readings,
+            s.delivered + s.dropped_oldest + s.expired + s.poisoned + s.queued + s.in_flight,
+            "{s:?}"
+        );
+    }
+
+    /// One QoS 1 connection: hands out everything queued as packets 1, 2, … and acks `acked`
+    /// of them; then the broker closes the connection: strike, requeue.
+    fn connection(q: &ReadingQueue, acked: &[u16], limit: u32) -> Option<Poisoned> {
+        let mut pkid = 0;
+        while q.pop_next().is_some() {
+            pkid += 1;
+            q.on_published(pkid);
+        }
+        for &id in acked {
+            q.on_acked(id);
+        }
+        let poisoned = q.strike_oldest_in_flight(limit);
+        q.requeue_in_flight();
+        poisoned
     }
 
     fn reading_of(o: Outbound) -> Bytes {
@@ -635,5 +778,150 @@ mod tests {
         let s = q.stats()[0];
         // 5 readings, room for 3: the two oldest (the requeued ones) go.
         assert_eq!((s.queued, s.dropped_oldest, s.in_flight), (3, 2, 0));
+    }
+
+    /// A reload raised `mqtt.inflight` from 2 to 50: packet ids up to 50 are tracked and acked.
+    #[test]
+    fn a_raised_inflight_window_tracks_every_packet_id() {
+        let q = ReadingQueue::new(1, 100, 1 << 20, None, 2);
+        for n in 0..50 {
+            q.push(0, payload(0, n));
+        }
+        q.set_max_inflight(50);
+        for pkid in 1..=50 {
+            q.pop_next().unwrap();
+            q.on_published(pkid);
+        }
+        assert_eq!(q.stats()[0].in_flight, 50);
+        for pkid in 1..=50 {
+            q.on_acked(pkid);
+        }
+        let s = q.stats()[0];
+        assert_eq!((s.delivered, s.in_flight, s.queued), (50, 0, 0));
+        assert_eq!(q.counters().ledger_errors, 0);
+        assert!(q.is_idle());
+        // Shrinking again frees the table but keeps a slot still waiting for its ack.
+        q.push(0, payload(0, 50));
+        q.pop_next().unwrap();
+        q.on_published(40);
+        q.set_max_inflight(3);
+        q.on_acked(40);
+        assert_eq!((q.stats()[0].delivered, q.stats()[0].in_flight), (51, 0));
+    }
+
+    /// The old failure: a packet id beyond the table vanished from the ledger and `in_flight`
+    /// never came down. Now it is a counted bug (a panic in debug builds) and the reading
+    /// stays accounted for.
+    #[test]
+    fn a_packet_id_beyond_the_window_is_a_counted_bug() {
+        let q = ReadingQueue::new(1, 10, 1 << 20, None, 2);
+        q.push(0, payload(0, 0));
+        q.pop_next().unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| q.on_published(3)));
+        assert_eq!(r.is_err(), cfg!(debug_assertions));
+        assert_eq!(q.counters().ledger_errors, 1);
+        assert_eq!(q.stats()[0].in_flight, 1);
+        q.on_acked(3);
+        let s = q.stats()[0];
+        assert_eq!((s.delivered, s.in_flight), (1, 0));
+    }
+
+    #[test]
+    fn a_reading_survives_two_strikes_and_is_delivered_on_the_third_connection() {
+        let q = ReadingQueue::new(1, 10, 1 << 20, None, 10);
+        q.push(0, payload(0, 0));
+        q.push(0, payload(0, 1));
+        assert_eq!(connection(&q, &[], 3), None);
+        assert_eq!(connection(&q, &[], 3), None);
+        assert_eq!(connection(&q, &[1, 2], 3), None);
+        let s = q.stats()[0];
+        assert_eq!((s.delivered, s.poisoned, s.republished, s.in_flight, s.queued), (2, 0, 4, 0, 0));
+        assert_identity(s);
+        assert!(q.is_idle());
+    }
+
+    #[test]
+    fn a_reading_struck_three_times_is_dropped_and_counted() {
+        let q = ReadingQueue::new(2, 10, 1 << 20, None, 10);
+        let a = q.add_lane("a");
+        q.push(1, payload(1, 0));
+        q.push(a, Bytes::from(vec![b'x'; 800]));
+        q.push(1, payload(1, 1));
+        // The broker acks the reading before the bad one, then closes on the bad one.
+        assert_eq!(connection(&q, &[1], 3), None);
+        assert_eq!(connection(&q, &[], 3), None);
+        let poisoned = connection(&q, &[], 3);
+        assert_eq!(poisoned, Some(Poisoned::Reading { device: a, name: "a".into(), payload: vec![b'x'; 800].into() }));
+        assert_eq!(connection(&q, &[1], 3), None);
+        let s = q.stats();
+        assert_eq!((s[a].readings, s[a].poisoned, s[a].delivered, s[a].in_flight), (1, 1, 0, 0));
+        assert_eq!((s[1].readings, s[1].poisoned, s[1].delivered, s[1].in_flight), (2, 0, 2, 0));
+        s.into_iter().for_each(assert_identity);
+        assert_eq!(q.counters(), QueueCounters::default());
+        assert!(q.is_idle());
+    }
+
+    #[test]
+    fn strikes_belong_to_one_reading() {
+        let q = ReadingQueue::new(1, 10, 1 << 20, None, 10);
+        q.push(0, payload(0, 0));
+        q.push(0, payload(0, 1));
+        // The first reading takes two strikes, then is delivered: its strikes go with it.
+        assert_eq!(connection(&q, &[], 3), None);
+        assert_eq!(connection(&q, &[], 3), None);
+        // The second one starts from zero: poisoned only at its own third strike.
+        assert_eq!(connection(&q, &[1], 3), None);
+        assert_eq!(connection(&q, &[], 3), None);
+        assert_eq!(
+            connection(&q, &[], 3),
+            Some(Poisoned::Reading { device: 0, name: "0".into(), payload: payload(0, 1) })
+        );
+        let s = q.stats()[0];
+        assert_eq!((s.delivered, s.poisoned, s.in_flight, s.queued), (1, 1, 0, 0));
+        assert_identity(s);
+    }
+
+    /// Control messages are not requeued (they are queued again on connect), so their strikes
+    /// are kept by topic; delivery clears them.
+    #[test]
+    fn a_control_message_is_poisoned_by_topic() {
+        let q = ReadingQueue::new(1, 10, 1 << 20, None, 10);
+        let big = Control { topic: "gw/metrics".into(), payload: vec![b'm'; 900].into(), retain: false };
+        q.push_control(big.clone());
+        assert_eq!(connection(&q, &[], 3), None);
+        // Delivered once: its strikes are gone.
+        q.push_control(big.clone());
+        assert_eq!(connection(&q, &[1], 3), None);
+        for _ in 0..2 {
+            q.push_control(big.clone());
+            assert_eq!(connection(&q, &[], 3), None);
+        }
+        q.push_control(big.clone());
+        q.push(0, payload(0, 0));
+        assert_eq!(connection(&q, &[], 3), Some(Poisoned::Control { topic: big.topic, payload: big.payload }));
+        assert_eq!(q.counters().poisoned_control, 1);
+        // The reading behind it was not struck.
+        assert_eq!(connection(&q, &[1], 3), None);
+        let s = q.stats()[0];
+        assert_eq!((s.delivered, s.poisoned), (1, 0));
+    }
+
+    /// At QoS 0 nothing waits for an ack: written is delivered, and what was not yet written
+    /// when the connection dropped was never seen by the broker.
+    #[test]
+    fn qos0_readings_are_never_struck() {
+        let q = ReadingQueue::new(1, 10, 1 << 20, None, 10);
+        for n in 0..3 {
+            q.push(0, payload(0, n));
+        }
+        for _ in 0..3 {
+            q.pop_next().unwrap();
+        }
+        q.on_published(0);
+        assert_eq!(q.strike_oldest_in_flight(1), None);
+        assert_eq!(q.requeue_in_flight(), 2);
+        let s = q.stats()[0];
+        assert_eq!((s.delivered, s.poisoned, s.queued, s.in_flight), (1, 0, 2, 0));
+        assert_identity(s);
     }
 }

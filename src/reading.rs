@@ -2,6 +2,9 @@
 //! reserved key. Payloads are cut from a per-device arena, so there is no allocation per
 //! reading, only one per arena chunk.
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::config::DeviceConfig;
@@ -15,6 +18,46 @@ pub const RESERVED_KEY: &str = "_gw";
 const ARENA_CHUNK: usize = 16 * 1024;
 /// Room for the metadata the builder appends.
 const META_ROOM: usize = 256;
+
+/// Bytes of the QoS 1 PUBLISH that carries `payload_len` bytes on a topic of `topic_len`
+/// bytes: fixed header (type byte, remaining length), topic with its length, packet id,
+/// payload. At QoS 0 the packet is 2 bytes shorter; counting them anyway keeps one rule.
+pub fn publish_len(topic_len: usize, payload_len: usize) -> usize {
+    crate::mqtt::codec::publish_size(crate::mqtt::Version::V311, topic_len, payload_len, true)
+}
+
+/// `mqtt.max_packet_size` as one device's readings meet it. An MQTT 3.1.1 broker answers a
+/// packet over its limit by closing the connection, and the reading would then block every
+/// device after each reconnect: so the limit is checked as a reading is built. The limit is
+/// shared by every device and changed in place by a reload.
+#[derive(Debug, Clone)]
+pub struct PacketLimit {
+    max: Arc<AtomicUsize>,
+    topic_len: usize,
+}
+
+impl PacketLimit {
+    /// The shared limit; [`for_topic`](Self::for_topic) binds it to a device's readings topic.
+    pub fn new(max_packet_size: usize) -> Self {
+        Self { max: Arc::new(AtomicUsize::new(max_packet_size)), topic_len: 0 }
+    }
+
+    /// The same shared limit, for readings published on `topic`.
+    pub fn for_topic(&self, topic: &str) -> Self {
+        Self { max: Arc::clone(&self.max), topic_len: topic.len() }
+    }
+
+    /// A new limit for every device (a reload).
+    pub fn set(&self, max_packet_size: usize) {
+        self.max.store(max_packet_size, Relaxed);
+    }
+
+    /// `Some((packet size, limit))` when a reading of `payload_len` bytes does not fit.
+    pub fn exceeded_by(&self, payload_len: usize) -> Option<(usize, usize)> {
+        let (size, limit) = (publish_len(self.topic_len, payload_len), self.max.load(Relaxed));
+        (size > limit).then_some((size, limit))
+    }
+}
 
 /// Builds payloads for one device.
 pub struct PayloadBuilder {
@@ -126,6 +169,33 @@ mod tests {
         assert_eq!(b.build(&mut KvDecoder, b"a=1 b", 1, 1).unwrap_err(), Reject::BadKv);
         let (p, _) = b.build(&mut KvDecoder, b"a=1", 2, 1).unwrap();
         assert!(p.starts_with(b"{\"a\":1,"), "{p:?}");
+    }
+
+    /// The length must match the real encoding, at each remaining-length boundary.
+    #[test]
+    fn publish_len_matches_the_codec() {
+        use rumqttc::mqttbytes::{v4::Publish, QoS};
+        let topic = "sensorgate/gw/devices/th/readings";
+        for payload_len in [0, 1, 90, 91, 92, 16_344, 16_345, 16_346, 2_097_110, 2_097_111, 2_097_112] {
+            let mut p = Publish::new(topic, QoS::AtLeastOnce, vec![b'x'; payload_len]);
+            p.pkid = 1;
+            let mut encoded = BytesMut::new();
+            p.write(&mut encoded).unwrap();
+            assert_eq!(publish_len(topic.len(), payload_len), encoded.len(), "payload {payload_len}");
+        }
+    }
+
+    #[test]
+    fn packet_limit_is_shared_and_counts_the_topic() {
+        let shared = PacketLimit::new(512);
+        let topic = "sensorgate/gw/devices/a/readings";
+        let a = shared.for_topic(topic);
+        // 512 = 1 + 2 (remaining length) + 2 + topic + 2 + payload.
+        let fits = 512 - 7 - topic.len();
+        assert_eq!(a.exceeded_by(fits), None);
+        assert_eq!(a.exceeded_by(fits + 1), Some((513, 512)));
+        shared.set(1024);
+        assert_eq!(a.exceeded_by(fits + 1), None);
     }
 
     #[test]

@@ -51,11 +51,15 @@ pub enum Reject {
     /// The decoder panicked on this frame; the session was restarted.
     #[error("decoder panicked")]
     DecoderPanic,
+    /// The reading's PUBLISH would exceed `mqtt.max_packet_size` (the broker would close the
+    /// connection on it).
+    #[error("reading larger than mqtt.max_packet_size")]
+    OversizePacket,
 }
 
 impl Reject {
     /// Every reason, in metric order.
-    pub const ALL: [Reject; 16] = [
+    pub const ALL: [Reject; 17] = [
         Reject::Oversize,
         Reject::BadCobs,
         Reject::BadUtf8,
@@ -72,6 +76,7 @@ impl Reject {
         Reject::BadPayload,
         Reject::Truncated,
         Reject::DecoderPanic,
+        Reject::OversizePacket,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -94,6 +99,7 @@ impl Reject {
             Reject::BadPayload => "bad_payload",
             Reject::Truncated => "truncated",
             Reject::DecoderPanic => "decoder_panic",
+            Reject::OversizePacket => "oversize_packet",
         }
     }
 

@@ -43,6 +43,18 @@ pub fn frame_rejected(device: &str, counters: &DeviceCounters, reason: Reject) {
     tracing::warn!(device, reason = reason.as_str(), "Discarding frame: {reason}.");
 }
 
+/// A reading too large for the broker was skipped (`oversize_packet`).
+pub fn packet_too_large(device: &str, counters: &DeviceCounters, size: usize, limit: usize) {
+    counters.rejected[Reject::OversizePacket.index()].fetch_add(1, Relaxed);
+    tracing::warn!(
+        device,
+        reason = Reject::OversizePacket.as_str(),
+        size,
+        limit,
+        "Discarding reading: its MQTT packet would exceed mqtt.max_packet_size."
+    );
+}
+
 /// The queue evicted readings to make room. Logged at most every 10 s per device with the
 /// count since the last line, so a sustained overload cannot flood the journal.
 pub fn readings_dropped(device: &str, counters: &DeviceCounters, evicted: u32, started: Instant) {

@@ -3,10 +3,11 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{json_lines as lines, n, write_all, Gateway, Mosquitto, Subscriber};
+use common::{json_lines as lines, n, write_all, Gateway, Mosquitto, Msg, Subscriber};
 use sensorgate::simulate::PtyLink;
 use serde_json::Value;
 
@@ -18,6 +19,11 @@ fn config(port: u16, devices: &[(&str, &Path, &str)]) -> String {
         c += &format!("[[device]]\nname = \"{name}\"\npath = \"{}\"\nframing = \"lines\"\n{extra}\n", path.display());
     }
     c
+}
+
+/// Adds the numbers of the readings among `msgs` to `seen`.
+fn note_readings(seen: &mut BTreeSet<u64>, msgs: impl IntoIterator<Item = Msg>) {
+    seen.extend(msgs.into_iter().filter(|m| m.topic.ends_with("/readings")).map(|m| m.json()["n"].as_u64().unwrap()));
 }
 
 async fn metrics_where(sub: &mut Subscriber, pred: impl Fn(&Value) -> bool) -> Value {
@@ -135,5 +141,75 @@ async fn a_new_broker_address_reconnects_and_keeps_the_queued_readings() {
     assert!(gw.wait(Duration::from_secs(10)).success());
     let fin = &gw.log_records("Final accounting.")[0];
     assert_eq!((n(fin, "readings"), n(fin, "delivered"), n(fin, "lost")), (50, 50, 0), "{fin}");
+    drop(pa);
+}
+
+/// Raising `mqtt.inflight` on reload under a steady stream at QoS 1: every reading is
+/// delivered and the ledger comes back to zero in flight. Before the queue's in-flight table
+/// followed the reload, packet ids above the startup window (2) vanished from the ledger:
+/// `delivered` fell behind and `in_flight` grew forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_inflight_on_reload_keeps_the_ledger_exact() {
+    let dir = common::tempdir();
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
+    let a = dir.path().join("a");
+    let pa = PtyLink::create(&a).unwrap();
+    let with_inflight =
+        |n: u16| config(broker.port, &[("a", &a, "")]).replace("[mqtt]\n", &format!("[mqtt]\ninflight = {n}\n"));
+    let mut gw = Gateway::start_with_args(dir.path(), &with_inflight(2), &["--log-format", "json"]);
+
+    // A steady stream, 10 readings every 5 ms, until told to stop.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut pa = pa;
+            let mut written = 0;
+            while !stop.is_cancelled() {
+                write_all(&mut pa.master, &lines(written..written + 10)).await;
+                written += 10;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (pa, written)
+        })
+    };
+    let reading_at_least =
+        |min: u64| move |m: &Msg| m.topic.ends_with("/readings") && m.json()["n"].as_u64() >= Some(min);
+    let mut seen = BTreeSet::new();
+    let (m, skipped) = sub.wait_for(Duration::from_secs(10), reading_at_least(200)).await;
+    note_readings(&mut seen, skipped.into_iter().chain([m]));
+    let done = reload(&gw, &with_inflight(50), "Configuration reloaded.").await;
+    assert_eq!(done["mqtt_reconnected"], true, "{done}");
+    // Well past the old window: 500 more readings through the new connection.
+    let after = *seen.last().unwrap() + 500;
+    let (m, skipped) = sub.wait_for(Duration::from_secs(20), reading_at_least(after)).await;
+    note_readings(&mut seen, skipped.into_iter().chain([m]));
+    stop.cancel();
+    let (pa, written) = writer.await.unwrap();
+
+    // The broker forwards a publisher's messages in order: every reading acknowledged before
+    // this metrics snapshot reached the subscriber before it.
+    let (m, skipped) = sub
+        .wait_for(Duration::from_secs(10), |m| {
+            let dev = || m.json()["devices"]["a"].clone();
+            m.topic == "sensorgate/it/metrics"
+                && dev()["readings"] == written
+                && dev()["queued"] == 0
+                && dev()["in_flight"] == 0
+        })
+        .await;
+    note_readings(&mut seen, skipped);
+    let m = m.json();
+    let dev = &m["devices"]["a"];
+    common::assert_identities(dev);
+    assert_eq!((n(dev, "delivered"), n(dev, "poisoned")), (written, 0), "{dev}");
+    assert_eq!(n(&m["queue"], "ledger_errors"), 0, "{m}");
+    assert_eq!(seen, (0..written).collect(), "every reading reached the broker");
+
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait(Duration::from_secs(10)).success());
+    let fin = &gw.log_records("Final accounting.")[0];
+    assert_eq!((n(fin, "readings"), n(fin, "delivered"), n(fin, "lost")), (written, written, 0), "{fin}");
     drop(pa);
 }

@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::config::DeviceConfig;
 use crate::decode::Decode;
 use crate::queue::{Control, ReadingQueue};
+use crate::reading::PacketLimit;
 use crate::telemetry::DeviceCounters;
 
 /// Makes a device's decoder; the seam where tests put a slow or panicking one.
@@ -64,6 +65,8 @@ pub struct DeviceRuntime {
     pub index: usize,
     pub config: DeviceConfig,
     pub counters: Arc<DeviceCounters>,
+    /// `mqtt.max_packet_size` for this device's readings (shared; a reload changes it).
+    pub packet_limit: PacketLimit,
     state_topic: String,
     status: Arc<Mutex<Status>>,
     /// Asks the supervisor to close and reopen the port now (the `restart_device` command).
@@ -71,12 +74,13 @@ pub struct DeviceRuntime {
 }
 
 impl DeviceRuntime {
-    pub fn new(index: usize, config: DeviceConfig, state_topic: String) -> Self {
+    pub fn new(index: usize, config: DeviceConfig, state_topic: String, packet_limit: PacketLimit) -> Self {
         let status = Status { state: State::Opening, since: now_rfc3339(), restarts: 0, last_error: None };
         Self {
             index,
             config,
             counters: Arc::default(),
+            packet_limit,
             state_topic,
             status: Arc::new(Mutex::new(status)),
             restart: tokio::sync::Notify::new(),
@@ -89,6 +93,7 @@ impl DeviceRuntime {
             index: self.index,
             config,
             counters: Arc::clone(&self.counters),
+            packet_limit: self.packet_limit.clone(),
             state_topic: self.state_topic.clone(),
             status: Arc::clone(&self.status),
             restart: tokio::sync::Notify::new(),

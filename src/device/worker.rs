@@ -73,6 +73,10 @@ impl Worker {
                 if decoded.sensor_seq.is_some() {
                     last_sensor_seq = decoded.sensor_seq;
                 }
+                // After the sequence check: the frame did arrive, it is only too large to publish.
+                if let Some((size, limit)) = dev.packet_limit.exceeded_by(payload.len()) {
+                    return telemetry::packet_too_large(name, counters, size, limit);
+                }
                 counters.readings.store(seq, Relaxed);
                 counters.last_reading_us.store(received_at_us, Relaxed);
                 let outcome = self.queue.push(dev.index, payload);

@@ -144,7 +144,7 @@ impl ConnectOptions {
             login,
             inflight: m.inflight,
             will_topic: topics.state.clone(),
-            max_packet_size: codec::PROTOCOL_MAX_PACKET,
+            max_packet_size: usize::try_from(m.max_packet_size).unwrap_or(usize::MAX),
             expiry_s: config.queue.max_age.map(|a| u32::try_from(a.as_secs().max(1)).unwrap_or(u32::MAX)),
         };
         Ok((opts, TcpConnector { host: m.host.clone(), port: m.port, tls }))

@@ -13,7 +13,7 @@ use super::codec::{self, ConnAck, EncodeError, Incoming, PublishMeta, Read, Read
 use super::connect::Stream;
 use super::{deliver_incoming, ConnectOptions, ConnectionError, Finished, MqttShared, Stops, MAX_INCOMING};
 use crate::liveness::{self, Beat};
-use crate::queue::Outbound;
+use crate::queue::{Outbound, Poisoned};
 
 /// One batch written with one syscall, at most.
 const BATCH_BYTES: usize = 64 * 1024;
@@ -300,16 +300,18 @@ impl<'a> Session<'a> {
         if self.used == 0 {
             return false;
         }
-        match self.shared.queue.strike_oldest_in_flight(STRIKES_TO_POISON) {
-            Some(p) => {
-                tracing::error!(
-                    device = %p.device, bytes = p.bytes, strikes = STRIKES_TO_POISON,
-                    "The broker closed the connection each time right after this reading; dropped as poisoned (check the broker's max_packet_size and ACLs)."
-                );
-                true
+        let Some(p) = self.shared.queue.strike_oldest_in_flight(STRIKES_TO_POISON) else { return false };
+        let (topic, bytes) = match &p {
+            Poisoned::Reading { device, payload, .. } => {
+                (self.shared.topics.readings(&self.shared.queue.lane_name(*device)), payload.len())
             }
-            None => false,
-        }
+            Poisoned::Control { topic, payload } => (topic.clone(), payload.len()),
+        };
+        tracing::error!(
+            topic = %topic, bytes, strikes = STRIKES_TO_POISON,
+            "The broker closed the connection each time right after this message; dropped as poisoned (check the broker's max_packet_size and ACLs)."
+        );
+        true
     }
 
     fn read_packets(&mut self) -> Result<(), ConnectionError> {

@@ -397,8 +397,13 @@ pub fn assert_identities(dev: &serde_json::Value) {
     assert_eq!(n(dev, "frames_in"), n(dev, "readings") + rejected, "frames_in = readings + rejected: {dev}");
     assert_eq!(
         n(dev, "readings"),
-        n(dev, "delivered") + n(dev, "dropped_oldest") + n(dev, "expired") + n(dev, "queued") + n(dev, "in_flight"),
-        "readings = delivered + dropped + expired + queued + in_flight: {dev}"
+        n(dev, "delivered")
+            + n(dev, "dropped_oldest")
+            + n(dev, "expired")
+            + n(dev, "poisoned")
+            + n(dev, "queued")
+            + n(dev, "in_flight"),
+        "readings = delivered + dropped + expired + poisoned + queued + in_flight: {dev}"
     );
     let by_reason: u64 = dev["rejected"]
         .as_object()
