@@ -143,18 +143,67 @@ impl MqttConfig {
     /// A relative path is looked up in `$CREDENTIALS_DIRECTORY`, where systemd's
     /// `LoadCredential=` puts files for the service.
     ///
+    /// The file must be a regular file of at most [`MAX_PASSWORD_FILE`] bytes. It is opened
+    /// with `O_NONBLOCK` and checked before a byte is read, so a FIFO (whose open would wait
+    /// for a writer), `/dev/zero` (endless) or a directory is refused at once instead of
+    /// hanging or filling memory.
+    ///
     /// # Errors
-    /// The file cannot be read.
+    /// The file cannot be read, is not a regular file, or is too large.
     pub fn password(&self) -> std::io::Result<Option<String>> {
+        use std::io::{Error, ErrorKind, Read};
+        use std::os::unix::fs::OpenOptionsExt;
         let Some(file) = &self.password_file else { return Ok(None) };
         let path = match std::env::var_os("CREDENTIALS_DIRECTORY") {
             Some(dir) if file.is_relative() => Path::new(&dir).join(file),
             _ => file.clone(),
         };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{} cannot be read: {e}", path.display())))?;
+        let fail = |e: Error| Error::new(e.kind(), format!("{} cannot be read: {e}", path.display()));
+        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).map_err(fail)?;
+        let meta = f.metadata().map_err(fail)?;
+        if !meta.is_file() {
+            let what = if meta.is_dir() { "a directory" } else { "not a regular file (a device, FIFO or socket)" };
+            return Err(Error::new(ErrorKind::InvalidInput, format!("{} is {what}", path.display())));
+        }
+        let mut text = String::new();
+        // One byte over the limit tells "too large" from "exactly at the limit".
+        f.take(MAX_PASSWORD_FILE + 1).read_to_string(&mut text).map_err(fail)?;
+        if text.len() as u64 > MAX_PASSWORD_FILE {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                format!("{} is larger than {MAX_PASSWORD_FILE} bytes", path.display()),
+            ));
+        }
         Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
     }
+
+    /// A username and password would cross the network in clear text: plain TCP (no
+    /// `[mqtt.tls]`) to a host that is not this machine. Loopback is exempt (a broker on the
+    /// same host, or a local TLS-terminating proxy).
+    fn cleartext_credentials(&self) -> Option<Problem> {
+        if self.username.is_none() || self.tls.is_some() || is_loopback(&self.host) {
+            return None;
+        }
+        Some(Problem::new(
+            "mqtt.username",
+            format!(
+                "the username and password go to {}:{} over plain TCP, readable by anyone on the way",
+                self.host, self.port
+            ),
+            "add an [mqtt.tls] section (and the broker's TLS port, usually port = 8883)",
+        ))
+    }
+}
+
+/// `password_file` larger than this is refused: a password is a line, not a file's worth.
+pub const MAX_PASSWORD_FILE: u64 = 4096;
+
+/// `localhost`, 127.0.0.0/8 and ::1: traffic that never leaves the machine.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.to_ascii_lowercase().ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 impl TlsConfig {
@@ -609,6 +658,12 @@ impl Config {
         self.mqtt.client_id.clone().unwrap_or_else(|| format!("sensorgate-{}", self.gateway.id))
     }
 
+    /// What works but should not be left so (the gateway runs; `check` prints these and
+    /// still succeeds).
+    pub fn warnings(&self) -> Vec<Problem> {
+        self.mqtt.cleartext_credentials().into_iter().collect()
+    }
+
     /// Every semantic problem, all at once.
     pub fn validate(&self) -> Vec<Problem> {
         let mut p = Vec::new();
@@ -687,7 +742,7 @@ impl Config {
                     p.push(Problem::new(
                         "mqtt.password_file",
                         e.to_string(),
-                        "check the path (relative paths are looked up in $CREDENTIALS_DIRECTORY) and that the gateway's user may read it",
+                        "check the path (relative paths are looked up in $CREDENTIALS_DIRECTORY): a regular file of at most 4KiB holding the password, readable by the gateway's user",
                     ));
                 }
             }
