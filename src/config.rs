@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::commands::Command;
+
 /// The whole gateway configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,12 +73,27 @@ fn d_log_filter() -> String {
     "info".into()
 }
 
-/// Commands over MQTT (`<prefix>/<gateway>/cmd/<name>`); off unless enabled.
+/// Commands over MQTT (`<prefix>/<gateway>/cmd/<name>`); off unless enabled. Whoever may
+/// publish to `cmd/#` may run the allowed commands: see README "Commands: the trust model".
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandsConfig {
     #[serde(default)]
     pub enabled: bool,
+    /// The commands that may run, by name; default: every command. Names are checked at load.
+    pub allow: Option<Vec<String>>,
+}
+
+impl CommandsConfig {
+    /// The commands that may run: none when commands are off. Unknown names in `allow` are a
+    /// config problem (see [`Config::validate`]), so they never get here.
+    pub fn allowed(&self) -> Vec<Command> {
+        match (&self.allow, self.enabled) {
+            (_, false) => Vec::new(),
+            (None, true) => Command::ALL.to_vec(),
+            (Some(names), true) => Command::ALL.into_iter().filter(|c| names.iter().any(|n| n == c.as_str())).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -763,6 +780,24 @@ impl Config {
                     _ => "mqtt.tls".to_string(),
                 };
                 p.push(Problem::new(key, msg, "point the mqtt.tls files at readable PEM files"));
+            }
+        }
+        if let Some(allow) = &self.commands.allow {
+            if allow.is_empty() && self.commands.enabled {
+                p.push(Problem::new(
+                    "commands.allow",
+                    "is empty, so no command could run",
+                    format!("list the commands to allow ({}), or set commands.enabled = false", Command::names()),
+                ));
+            }
+            for (i, name) in allow.iter().enumerate() {
+                if Command::from_name(name).is_none() {
+                    p.push(Problem::new(
+                        format!("commands.allow[{i}]"),
+                        format!("{name:?} is not a command"),
+                        format!("use some of: {}", Command::names()),
+                    ));
+                }
             }
         }
         let ha = &self.homeassistant;

@@ -157,6 +157,9 @@ fn corpus(dir: &Path) -> Vec<Case> {
         case("client_key without client_cert", cfg(&format!("[mqtt.tls]\nclient_key = {:?}\n", some_file), ""), "mqtt.tls.client_cert", &["client_cert and client_key go together"], "give both"),
         case("ca_file missing", cfg(&format!("[mqtt.tls]\nca_file = {:?}\n", s(&missing_ca)), ""), "mqtt.tls.ca_file", &["ca_file", "no-such-dir/ca.pem", "No such file"], "readable PEM files"),
         case("ca_file not PEM", cfg(&format!("[mqtt.tls]\nca_file = {:?}\n", some_file), ""), "mqtt.tls.ca_file", &["ca_file", "no PEM certificate"], "readable PEM files"),
+        // --- commands ---
+        case("unknown command in allow", cfg("[commands]\nenabled = true\nallow = [\"help\", \"reboot\"]\n", ""), "commands.allow[1]", &["\"reboot\" is not a command"], "use some of: restart_device, metrics, config, help"),
+        case("empty allow", cfg("[commands]\nenabled = true\nallow = []\n", ""), "commands.allow", &["is empty, so no command could run"], "or set commands.enabled = false"),
         // --- devices ---
         case("framing cobs with format kv", cobs("format = \"kv\"\n"), "device[0].format", &["is a text format and needs framing = \"lines\""], "format = \"postcard\""),
         case("framing lines with format postcard", cfg("", "format = \"postcard\"\n"), "device[0].format", &["\"postcard\" is binary and needs framing = \"cobs\""], "framing = \"cobs\""),
