@@ -27,14 +27,18 @@ struct Setup {
 impl Setup {
     /// `before` runs once the broker is up and before the gateway starts.
     async fn start(commands: &str, before: impl AsyncFnOnce(u16)) -> Self {
+        Self::start_with(Mosquitto::start(), "", commands, before).await
+    }
+
+    /// With this broker and more `[mqtt]` settings.
+    async fn start_with(broker: Mosquitto, mqtt: &str, commands: &str, before: impl AsyncFnOnce(u16)) -> Self {
         let dir = common::tempdir();
-        let broker = Mosquitto::start();
         before(broker.port).await;
         let a = dir.path().join("a");
         let pty = PtyLink::create(&a).unwrap();
         let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
         let config = format!(
-            "[gateway]\nid = \"it\"\nmetrics_interval = \"200ms\"\n[mqtt]\nport = {}\n\
+            "[gateway]\nid = \"it\"\nmetrics_interval = \"200ms\"\n[mqtt]\nport = {}\n{mqtt}\n\
              [commands]\nenabled = true\n{commands}\n\
              [[device]]\nname = \"a\"\npath = \"{}\"\nframing = \"lines\"\n",
             broker.port,
@@ -157,4 +161,60 @@ async fn unknown_commands_get_no_response_at_all() {
     // The connection is intact: readings still flow.
     write_all(&mut s.pty.master, &lines(0..5)).await;
     s.metrics(|m| m["devices"]["a"]["delivered"] == 5).await;
+}
+
+/// The mosquitto ACL in README "Commands: the trust model", used as it is written (for gateway
+/// `it` instead of `greenhouse`): the gateway publishes, reads commands and answers; an
+/// operator's command runs; a client without write access to `cmd/+` cannot command it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_acl_lets_operators_command_and_nobody_else() {
+    let files = common::tempdir();
+    // mosquitto started as root reads its files as its own user.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("### Commands: the trust model").unwrap()..];
+    let acl = section.split("```text\n").nth(1).unwrap().split("```").next().unwrap();
+    assert!(acl.contains("user greenhouse-gw"), "{acl}");
+    // Anonymous clients (the test's observer and a stranger) may only read.
+    let acl = format!("topic read sensorgate/#\n{}", acl.replace("greenhouse", "it"));
+    let (acl_file, passwd) = (files.path().join("acl"), files.path().join("passwd"));
+    std::fs::write(&acl_file, acl).unwrap();
+    for (i, (user, pass)) in [("it-gw", "gw-pass"), ("operator", "op-pass")].into_iter().enumerate() {
+        let create: &[&str] = if i == 0 { &["-c"] } else { &[] };
+        let status = std::process::Command::new("mosquitto_passwd")
+            .args(create)
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, pass])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    for f in [&acl_file, &passwd] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let broker = Mosquitto::start_custom(
+        false,
+        format!("password_file {}\nacl_file {}\n", passwd.display(), acl_file.display()),
+    );
+    let secret = files.path().join("gw-password");
+    std::fs::write(&secret, "gw-pass\n").unwrap();
+    let mqtt = format!("username = \"it-gw\"\npassword_file = {:?}", secret.display().to_string());
+    // Started means: the gateway published its device state and metrics under the ACL.
+    let mut s = Setup::start_with(broker, &mqtt, "", async |_| {}).await;
+
+    // A stranger (anonymous: read only) asks for a restart; the broker drops it.
+    s.ask("restart_device", r#"{"id":"stranger","device":"a"}"#).await;
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &s.broker.port.to_string(), "-u", "operator", "-P", "op-pass", "-q", "1"])
+        .args(["-t", "sensorgate/it/cmd/help", "-m", r#"{"id":"operator"}"#])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (help, earlier) = s.response("help").await;
+    assert_eq!(help.json()["id"], "operator");
+    assert!(earlier.is_empty(), "the stranger's request ran: {:?}", earlier[0].text());
+    let m = s.metrics(|m| m["commands"]["executed"] == 1).await;
+    assert_eq!(m["devices"]["a"]["restarts"], 0, "{m}");
 }
