@@ -261,7 +261,8 @@ impl CommandContext {
         if p.retain {
             let n = self.stats.refused(Refusal::Retained);
             if n == 1 {
-                tracing::warn!(topic = %p.topic, "Ignoring a retained command request (and any later ones: counted in commands.refused.retained). Publish commands without the retain flag, and clear this one with an empty retained message.");
+                let fix = "publish commands without the retain flag; clear this one with an empty retained message";
+                tracing::warn!(topic = %p.topic, fix, "Ignoring a retained command request; later ones are only counted.");
             } else {
                 tracing::debug!(topic = %p.topic, ignored = n, "Ignoring a retained command request.");
             }
