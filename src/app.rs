@@ -152,6 +152,8 @@ struct Core {
     registry: Arc<Registry>,
     live: Arc<Liveness>,
     discovery: SharedDiscovery,
+    /// Command counters (metrics), kept across MQTT sides.
+    command_stats: Arc<commands::Stats>,
     hooks: Hooks,
     /// Parent of every device's stop token.
     devices_stop: CancellationToken,
@@ -198,6 +200,7 @@ impl Core {
             registry: Arc::default(),
             live: Liveness::new([CONNECTION.to_string()]),
             discovery: Arc::new(std::sync::Mutex::new(discovery)),
+            command_stats: Arc::default(),
             hooks,
             devices_stop: CancellationToken::new(),
             draining: CancellationToken::new(),
@@ -306,9 +309,10 @@ impl Core {
                 topics: self.topics.clone(),
                 devices: Arc::clone(&self.registry),
                 discovery: Arc::clone(&self.discovery),
-                commands_enabled: config.commands.enabled,
+                allowed: config.commands.allowed(),
                 config: Arc::clone(&self.config),
                 metrics: self.metrics_fn(&shared),
+                stats: Arc::clone(&self.command_stats),
             },
             incoming_rx,
             helpers_stop.clone(),
@@ -320,10 +324,11 @@ impl Core {
     fn metrics_fn(&self, shared: &Arc<MqttShared>) -> Box<dyn Fn() -> Control + Send + Sync> {
         let (config, registry, shared, started) =
             (Arc::clone(&self.config), Arc::clone(&self.registry), Arc::downgrade(shared), self.started);
+        let command_stats = Arc::clone(&self.command_stats);
         Box::new(move || {
             let shared = shared.upgrade().expect("metrics are made while their MQTT side lives");
             let config = config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            metrics_message(&config, &registry.snapshot(), &shared, started)
+            metrics_message(&config, &registry.snapshot(), &shared, started, &command_stats)
         })
     }
 
@@ -599,7 +604,13 @@ async fn metrics_loop(
     }
 }
 
-fn metrics_message(config: &Config, devices: &[Arc<DeviceRuntime>], shared: &MqttShared, started: Instant) -> Control {
+fn metrics_message(
+    config: &Config,
+    devices: &[Arc<DeviceRuntime>],
+    shared: &MqttShared,
+    started: Instant,
+    commands: &commands::Stats,
+) -> Control {
     let m = metrics::snapshot(
         started.elapsed().as_secs(),
         devices,
@@ -618,6 +629,7 @@ fn metrics_message(config: &Config, devices: &[Arc<DeviceRuntime>], shared: &Mqt
             messages_refused: shared.controls_refused.load(Relaxed),
             puback_refused: shared.puback_refusals(),
         },
+        commands.snapshot(),
     );
     let payload = serde_json::to_vec(&m).expect("metrics serialise");
     Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false }

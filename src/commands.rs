@@ -1,13 +1,24 @@
 //! Incoming MQTT messages: Home Assistant's birth message (republish discovery) and, when
-//! enabled, commands on `<prefix>/<gateway>/cmd/<name>` with a JSON body. Every request gets
-//! a response on `.../cmd/<name>/response` carrying the request's `id`, errors included.
-//! MQTT 3.1.1 has no response topic or correlation data, so both travel in the JSON.
+//! enabled, commands on `<prefix>/<gateway>/cmd/<name>` with a JSON body. A request for a known
+//! command gets a response on `.../cmd/<name>/response` carrying the request's `id`, refusals
+//! included. MQTT 3.1.1 has no response topic or correlation data, so both travel in the JSON.
+//!
+//! The trust model (README "Commands: the trust model"): whoever may publish to `cmd/#` may
+//! run the allowed commands, and nothing more. Nothing they send can make the gateway publish
+//! on a topic of their choosing (unknown names get no response at all), grow its memory
+//! (requests and ids are capped, responses sit under a byte budget), replay itself (retained
+//! requests are ignored) or keep a port cycling (restarts are limited per device). Every
+//! refusal is counted by reason in the metrics (`commands.refused`).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::device::Registry;
@@ -16,8 +27,138 @@ use crate::mqtt::Message;
 use crate::queue::{Control, ReadingQueue};
 use crate::topics::Topics;
 
-/// The commands, for `help` and error messages.
-pub const COMMANDS: [&str; 4] = ["restart_device", "metrics", "config", "help"];
+/// A command the gateway knows. The names are topic segments and `[commands] allow` entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Command {
+    /// Close and reopen a device's port now (at most once per [`RESTART_INTERVAL`] per device).
+    RestartDevice,
+    /// Publish a metrics message now.
+    Metrics,
+    /// The configuration in force, secrets redacted.
+    Config,
+    /// The commands allowed here.
+    Help,
+}
+
+impl Command {
+    pub const ALL: [Self; 4] = [Self::RestartDevice, Self::Metrics, Self::Config, Self::Help];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RestartDevice => "restart_device",
+            Self::Metrics => "metrics",
+            Self::Config => "config",
+            Self::Help => "help",
+        }
+    }
+
+    /// The command named `name`, if there is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    /// Every name, comma-separated, for messages.
+    pub fn names() -> String {
+        Self::ALL.map(Self::as_str).join(", ")
+    }
+}
+
+/// Request bodies longer than this are refused unparsed: every command's body is a few dozen
+/// bytes, and the incoming limit (256 KiB) is far more than we want to parse and log.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+/// A request `id` (a string of at most this many bytes, or a number) is echoed in the
+/// response; anything else is refused, so a publisher cannot make us repeat a large value.
+pub const MAX_ID_BYTES: usize = 128;
+/// The command token bucket: this many at once, then one per [`COMMAND_REFILL`].
+pub const COMMAND_BURST: u32 = 20;
+pub const COMMAND_REFILL: Duration = Duration::from_millis(200);
+/// At most one `restart_device` per device in this interval: a board that resets when its
+/// port opens gets time to boot. The supervisor's own backoff applies on top.
+pub const RESTART_INTERVAL: Duration = Duration::from_secs(10);
+/// Command responses (with the other not-retained control messages) waiting to be sent, at
+/// most: they go ahead of readings, so this bounds what readings can be held up by.
+pub const RESPONSE_BUDGET: usize = 64 * 1024;
+
+/// Why a command message was refused or ignored. One counter per reason; the names are metric
+/// keys (`commands.refused.<name>`) and stay stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A retained request: executing it again on every connect would replay it forever.
+    /// Ignored, not answered.
+    #[error("retained requests are ignored")]
+    Retained,
+    /// Not a command name (or a name too long for a response topic). Ignored, not answered:
+    /// answering would let any publisher make us publish on topics of its choosing.
+    #[error("unknown command")]
+    Unknown,
+    /// More commands than the token bucket allows.
+    #[error("too many commands; try again later")]
+    RateLimited,
+    /// The body is longer than [`MAX_REQUEST_BYTES`].
+    #[error("the request is longer than {MAX_REQUEST_BYTES} bytes")]
+    TooLarge,
+    /// The body is not a JSON object, or its `id` is not a short string or a number.
+    #[error("the body must be a JSON object whose \"id\", if any, is a number or a string of at most {MAX_ID_BYTES} bytes, e.g. {{\"id\":\"1\"}}")]
+    BadRequest,
+    /// A known command that `[commands] allow` leaves out.
+    #[error("this command is not allowed on this gateway (see [commands] allow)")]
+    NotAllowed,
+    /// `restart_device` again within [`RESTART_INTERVAL`] for the same device.
+    #[error("this device was restarted less than {}s ago; try again later", RESTART_INTERVAL.as_secs())]
+    RestartTooSoon,
+}
+
+impl Refusal {
+    pub const ALL: [Self; 7] = [
+        Self::Retained,
+        Self::Unknown,
+        Self::RateLimited,
+        Self::TooLarge,
+        Self::BadRequest,
+        Self::NotAllowed,
+        Self::RestartTooSoon,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Retained => "retained",
+            Self::Unknown => "unknown",
+            Self::RateLimited => "rate_limited",
+            Self::TooLarge => "too_large",
+            Self::BadRequest => "bad_request",
+            Self::NotAllowed => "not_allowed",
+            Self::RestartTooSoon => "restart_too_soon",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Command counters; they outlive a reconnect or reload (one per process), so they only grow.
+#[derive(Debug, Default)]
+pub struct Stats {
+    executed: AtomicU64,
+    refused: [AtomicU64; Refusal::ALL.len()],
+    responses_dropped: AtomicU64,
+}
+
+impl Stats {
+    /// The metrics payload's `commands` object.
+    pub fn snapshot(&self) -> crate::metrics::CommandMetrics {
+        crate::metrics::CommandMetrics {
+            executed: self.executed.load(Relaxed),
+            refused: Refusal::ALL.iter().map(|r| (r.as_str(), self.refused[r.index()].load(Relaxed))).collect(),
+            responses_dropped: self.responses_dropped.load(Relaxed),
+        }
+    }
+
+    /// Counts a refusal; returns how many of its kind there have been, this one included.
+    fn refused(&self, why: Refusal) -> u64 {
+        self.refused[why.index()].fetch_add(1, Relaxed) + 1
+    }
+}
 
 /// What the command task works with.
 pub struct CommandContext {
@@ -25,14 +166,17 @@ pub struct CommandContext {
     pub topics: Topics,
     pub devices: Arc<Registry>,
     pub discovery: SharedDiscovery,
-    pub commands_enabled: bool,
+    /// The commands that may run; empty when commands are off.
+    pub allowed: Vec<Command>,
     /// The configuration in force (shown with secrets redacted).
     pub config: Arc<std::sync::RwLock<crate::config::Config>>,
     pub metrics: Box<dyn Fn() -> Control + Send + Sync>,
+    pub stats: Arc<Stats>,
 }
 
 /// Handles incoming messages until `stop`.
 pub async fn run(ctx: CommandContext, mut rx: mpsc::Receiver<Message>, stop: CancellationToken) {
+    let mut limits = Limits::new(Instant::now());
     loop {
         let p = tokio::select! {
             biased;
@@ -42,12 +186,61 @@ pub async fn run(ctx: CommandContext, mut rx: mpsc::Receiver<Message>, stop: Can
                 None => return,
             },
         };
-        ctx.handle(&p);
+        ctx.handle(&p, &mut limits);
+    }
+}
+
+/// The rate limits' state, owned by the command task (a reconnect or reload starts afresh).
+struct Limits {
+    bucket: TokenBucket,
+    /// When each device was last restarted by command; only names of configured devices get
+    /// in, so this is bounded by the config.
+    restarts: HashMap<String, Instant>,
+    /// The bucket was empty at the last request: repeat refusals log at DEBUG, not WARN.
+    limiting: bool,
+}
+
+impl Limits {
+    fn new(now: Instant) -> Self {
+        Self { bucket: TokenBucket::new(COMMAND_BURST, COMMAND_REFILL, now), restarts: HashMap::new(), limiting: false }
+    }
+}
+
+/// `capacity` tokens, one more every `every`; one token per command.
+struct TokenBucket {
+    capacity: u32,
+    tokens: u32,
+    every: Duration,
+    /// When the next token is earned (counted from here).
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(capacity: u32, every: Duration, now: Instant) -> Self {
+        Self { capacity, tokens: capacity, every, last: now }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.last).as_nanos() / self.every.as_nanos().max(1);
+        let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+        if earned > 0 {
+            self.tokens = self.tokens.saturating_add(earned).min(self.capacity);
+            // A full bucket earns nothing more: count afresh from now.
+            self.last = if self.tokens == self.capacity { now } else { self.last + self.every * earned };
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        if self.tokens == self.capacity {
+            self.last = now;
+        }
+        self.tokens -= 1;
+        true
     }
 }
 
 impl CommandContext {
-    fn handle(&self, p: &Message) {
+    fn handle(&self, p: &Message, limits: &mut Limits) {
         let birth = {
             let d = self.discovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             d.as_ref().filter(|d| p.topic == d.status_topic).map(|d| d.messages())
@@ -62,61 +255,157 @@ impl CommandContext {
             return;
         }
         let Some(name) = p.topic.strip_prefix(&self.topics.cmd) else { return };
-        if !self.commands_enabled || name.contains('/') {
+        if self.allowed.is_empty() || name.contains('/') {
             return;
         }
-        let (id, outcome) = match serde_json::from_slice::<Value>(&p.payload) {
-            _ if p.payload.is_empty() => (Value::Null, self.execute(name, &json!({}))),
-            Ok(body @ Value::Object(_)) => (body.get("id").cloned().unwrap_or(Value::Null), self.execute(name, &body)),
-            _ => (Value::Null, Err("the body must be a JSON object, e.g. {\"id\":\"1\"}".to_string())),
+        if p.retain {
+            let n = self.stats.refused(Refusal::Retained);
+            if n == 1 {
+                let fix = "publish commands without the retain flag; clear this one with an empty retained message";
+                tracing::warn!(topic = %p.topic, fix, "Ignoring a retained command request; later ones are only counted.");
+            } else {
+                tracing::debug!(topic = %p.topic, ignored = n, "Ignoring a retained command request.");
+            }
+            return;
+        }
+        // Unknown names get no response: answering would publish on a topic the sender chose.
+        let Some(command) = Command::from_name(name) else {
+            let n = self.stats.refused(Refusal::Unknown);
+            tracing::debug!(name_len = name.len(), ignored = n, "Ignoring a request for an unknown command.");
+            return;
+        };
+        let now = Instant::now();
+        let (id, outcome) = if limits.bucket.take(now) {
+            limits.limiting = false;
+            match request_id(&p.payload) {
+                Ok((id, body)) if self.allowed.contains(&command) => (id, self.execute(command, &body, limits, now)),
+                Ok((id, _)) => (id, Err(Refused::from(Refusal::NotAllowed))),
+                Err(why) => (Value::Null, Err(why.into())),
+            }
+        } else {
+            (Value::Null, Err(Refusal::RateLimited.into()))
         };
         let response = match &outcome {
-            Ok(result) => json!({"id": id, "ok": true, "result": result}),
-            Err(error) => json!({"id": id, "ok": false, "error": error}),
+            Ok(result) => {
+                self.stats.executed.fetch_add(1, Relaxed);
+                tracing::info!(command = name, id = %id, "Command executed.");
+                json!({"id": id, "ok": true, "result": result})
+            }
+            Err(refused) => {
+                let n = self.stats.refused(refused.why);
+                let error = refused.to_string();
+                if refused.why != Refusal::RateLimited || !std::mem::replace(&mut limits.limiting, true) {
+                    tracing::warn!(command = name, id = %id, refused = n, error = %error, "Command refused.");
+                } else {
+                    tracing::debug!(command = name, refused = n, "Command refused: rate limited.");
+                }
+                json!({"id": id, "ok": false, "error": error})
+            }
         };
-        match &outcome {
-            Ok(_) => tracing::info!(command = name, id = %id, "Command executed."),
-            Err(e) => tracing::warn!(command = name, id = %id, error = %e, "Command refused."),
-        }
         let topic = format!("{}{name}/response", self.topics.cmd);
-        if !self.queue.push_response(Control { topic, payload: Bytes::from(response.to_string()), retain: false }) {
-            tracing::warn!(command = name, "Too many responses waiting; this one is dropped.");
+        let response = Control { topic, payload: Bytes::from(response.to_string()), retain: false };
+        if !self.queue.push_response(response, RESPONSE_BUDGET) {
+            let n = self.stats.responses_dropped.fetch_add(1, Relaxed) + 1;
+            tracing::warn!(command = name, dropped = n, "Too many command responses waiting; this one is dropped.");
         }
     }
 
-    fn execute(&self, name: &str, body: &Value) -> Result<Value, String> {
-        match name {
-            "restart_device" => {
+    fn execute(&self, command: Command, body: &Value, limits: &mut Limits, now: Instant) -> Result<Value, Refused> {
+        match command {
+            Command::RestartDevice => {
                 let wanted = body.get("device").and_then(Value::as_str).ok_or_else(|| {
-                    format!("give the device to restart: {{\"device\": \"…\"}} (one of {})", self.device_names())
+                    let names = self.device_names();
+                    Refused::new(
+                        Refusal::BadRequest,
+                        format!("give the device to restart: {{\"device\": \"…\"}} (one of {names})"),
+                    )
                 })?;
-                let dev = self
-                    .devices
-                    .snapshot()
-                    .into_iter()
-                    .find(|d| d.name() == wanted)
-                    .ok_or_else(|| format!("no device {wanted:?}; devices: {}", self.device_names()))?;
+                let dev = self.devices.snapshot().into_iter().find(|d| d.name() == wanted).ok_or_else(|| {
+                    let names = self.device_names();
+                    Refused::new(Refusal::BadRequest, format!("no device {wanted:?}; devices: {names}"))
+                })?;
+                if let Some(last) = limits.restarts.get(wanted) {
+                    let since = now.duration_since(*last);
+                    if since < RESTART_INTERVAL {
+                        let wait = (RESTART_INTERVAL - since).as_secs_f64();
+                        return Err(Refused::new(
+                            Refusal::RestartTooSoon,
+                            format!(
+                                "{wanted:?} was restarted less than {}s ago; try again in {wait:.1}s",
+                                RESTART_INTERVAL.as_secs()
+                            ),
+                        ));
+                    }
+                }
+                limits.restarts.insert(wanted.to_string(), now);
                 dev.restart.notify_one();
                 Ok(json!({"device": wanted}))
             }
-            "metrics" => {
+            Command::Metrics => {
                 let m = (self.metrics)();
                 let topic = m.topic.clone();
                 self.queue.push_control(m);
                 Ok(json!({"published": topic}))
             }
-            "config" => {
+            Command::Config => {
                 let config = self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
                 Ok(redacted(config.source.as_ref()))
             }
-            "help" => Ok(json!({"commands": COMMANDS})),
-            other => Err(format!("unknown command {other:?}; commands: {}", COMMANDS.join(", "))),
+            Command::Help => Ok(json!({"commands": self.allowed.iter().map(|c| c.as_str()).collect::<Vec<_>>()})),
         }
     }
 
     fn device_names(&self) -> String {
         self.devices.snapshot().iter().map(|d| d.name().to_string()).collect::<Vec<_>>().join(", ")
     }
+}
+
+/// A refusal with the text the requester sees (the reason's own, or a more specific one).
+struct Refused {
+    why: Refusal,
+    text: Option<String>,
+}
+
+impl Refused {
+    fn new(why: Refusal, text: String) -> Self {
+        Self { why, text: Some(text) }
+    }
+}
+
+impl From<Refusal> for Refused {
+    fn from(why: Refusal) -> Self {
+        Self { why, text: None }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.text {
+            Some(t) => f.write_str(t),
+            None => write!(f, "{}", self.why),
+        }
+    }
+}
+
+/// The request's `id` (null if absent) and body. An empty payload is an empty body.
+fn request_id(payload: &[u8]) -> Result<(Value, Value), Refusal> {
+    if payload.len() > MAX_REQUEST_BYTES {
+        return Err(Refusal::TooLarge);
+    }
+    if payload.is_empty() {
+        return Ok((Value::Null, json!({})));
+    }
+    let body = match serde_json::from_slice::<Value>(payload) {
+        Ok(body @ Value::Object(_)) => body,
+        _ => return Err(Refusal::BadRequest),
+    };
+    let id = match body.get("id") {
+        None | Some(Value::Null) => Value::Null,
+        Some(id @ Value::Number(_)) => id.clone(),
+        Some(id @ Value::String(s)) if s.len() <= MAX_ID_BYTES => id.clone(),
+        Some(_) => return Err(Refusal::BadRequest),
+    };
+    Ok((id, body))
 }
 
 /// The config as JSON with anything secret-looking replaced.
@@ -146,6 +435,216 @@ pub fn redacted(source: Option<&toml::Table>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::device::DeviceRuntime;
+    use crate::queue::Outbound;
+
+    const BASE: &str = "[gateway]\nid = \"gw\"\n[[device]]\nname = \"a\"\npath = \"/dev/a\"\nframing = \"lines\"\n[[device]]\nname = \"b\"\npath = \"/dev/b\"\nframing = \"lines\"\n";
+
+    /// A command context over a real queue and registry, with `commands` as its `[commands]`.
+    fn context(commands: &str) -> CommandContext {
+        let config = Config::from_toml(&format!("{BASE}[commands]\n{commands}\n")).unwrap();
+        let topics = Topics::new(&config);
+        let devices = Registry::default();
+        let runtimes = config.devices.iter().enumerate();
+        devices.set(
+            runtimes
+                .map(|(i, d)| {
+                    Arc::new(DeviceRuntime::new(
+                        i,
+                        d.clone(),
+                        format!("state/{i}"),
+                        crate::reading::PacketLimit::new(1 << 20),
+                    ))
+                })
+                .collect(),
+        );
+        let metrics = topics.metrics.clone();
+        CommandContext {
+            queue: Arc::new(ReadingQueue::new(2, 100, 1 << 20, None, 10)),
+            topics,
+            devices: Arc::new(devices),
+            discovery: Arc::default(),
+            allowed: config.commands.allowed(),
+            config: Arc::new(std::sync::RwLock::new(config)),
+            metrics: Box::new(move || Control { topic: metrics.clone(), payload: Bytes::new(), retain: false }),
+            stats: Arc::default(),
+        }
+    }
+
+    fn request(name: &str, payload: impl Into<Vec<u8>>, retain: bool) -> Message {
+        Message {
+            topic: format!("sensorgate/gw/cmd/{name}"),
+            payload: Bytes::from(payload.into()),
+            retain,
+            response_topic: None,
+            correlation_data: None,
+        }
+    }
+
+    /// Every response queued so far: (command name, response JSON); other messages skipped.
+    fn responses(ctx: &CommandContext) -> Vec<(String, Value)> {
+        std::iter::from_fn(|| ctx.queue.pop_next())
+            .filter_map(|o| match o {
+                Outbound::Control(c) if c.topic.ends_with("/response") => {
+                    let name = c.topic.strip_prefix("sensorgate/gw/cmd/")?.strip_suffix("/response")?.to_string();
+                    Some((name, serde_json::from_slice(&c.payload).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn refused(ctx: &CommandContext, why: Refusal) -> u64 {
+        ctx.stats.snapshot().refused[why.as_str()]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retained_requests_are_ignored_and_counted() {
+        let (ctx, mut limits) = (context("enabled = true"), Limits::new(Instant::now()));
+        ctx.handle(&request("restart_device", r#"{"device":"a"}"#, true), &mut limits);
+        ctx.handle(&request("help", "", true), &mut limits);
+        assert_eq!(responses(&ctx), []);
+        assert_eq!(refused(&ctx, Refusal::Retained), 2);
+        ctx.handle(&request("help", r#"{"id":1}"#, false), &mut limits);
+        assert_eq!(responses(&ctx)[0].1["ok"], true);
+        assert_eq!(ctx.stats.snapshot().executed, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_names_get_no_response_whatever_their_length() {
+        let (ctx, mut limits) = (context("enabled = true"), Limits::new(Instant::now()));
+        ctx.handle(&request("self_destruct", r#"{"id":"x"}"#, false), &mut limits);
+        // With "/response" appended this no longer fits an MQTT string (65,535 bytes).
+        ctx.handle(&request(&"x".repeat(65_530), "", false), &mut limits);
+        assert_eq!(responses(&ctx), []);
+        assert_eq!(refused(&ctx, Refusal::Unknown), 2);
+        // Unknown requests cost no token: the whole burst is still there.
+        for _ in 0..COMMAND_BURST {
+            ctx.handle(&request("help", "", false), &mut limits);
+        }
+        assert!(responses(&ctx).iter().all(|(_, r)| r["ok"] == true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn large_requests_and_ids_are_refused_without_echoing_them() {
+        let (ctx, mut limits) = (context("enabled = true"), Limits::new(Instant::now()));
+        let big_id = "i".repeat(MAX_REQUEST_BYTES);
+        ctx.handle(&request("help", format!(r#"{{"id":"{big_id}"}}"#), false), &mut limits);
+        let long_id = "i".repeat(MAX_ID_BYTES + 1);
+        ctx.handle(&request("help", format!(r#"{{"id":"{long_id}"}}"#), false), &mut limits);
+        ctx.handle(&request("help", r#"{"id":{"nested":[1,2,3]}}"#, false), &mut limits);
+        ctx.handle(&request("help", "[1]", false), &mut limits);
+        let longest_id = "i".repeat(MAX_ID_BYTES);
+        ctx.handle(&request("help", format!(r#"{{"id":"{longest_id}"}}"#), false), &mut limits);
+        let r = responses(&ctx);
+        assert_eq!(r.len(), 5);
+        for (_, refusal) in &r[..4] {
+            assert_eq!((&refusal["id"], &refusal["ok"]), (&Value::Null, &Value::Bool(false)), "{refusal}");
+            assert!(refusal.to_string().len() < 300, "{refusal}");
+        }
+        assert!(r[0].1["error"].as_str().unwrap().contains("longer than 4096 bytes"), "{}", r[0].1);
+        assert!(r[1].1["error"].as_str().unwrap().contains("at most 128 bytes"), "{}", r[1].1);
+        assert_eq!((r[4].1["id"].as_str(), r[4].1["ok"].as_bool()), (Some(&*longest_id), Some(true)));
+        assert_eq!((refused(&ctx, Refusal::TooLarge), refused(&ctx, Refusal::BadRequest)), (1, 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn commands_beyond_the_token_bucket_are_refused_until_tokens_are_earned() {
+        let (ctx, mut limits) = (context("enabled = true"), Limits::new(Instant::now()));
+        let ask = |limits: &mut Limits, n: u32| {
+            for _ in 0..n {
+                ctx.handle(&request("help", "", false), limits);
+            }
+            let r = responses(&ctx);
+            (r.iter().filter(|(_, r)| r["ok"] == true).count(), r.iter().filter(|(_, r)| r["ok"] == false).count())
+        };
+        assert_eq!(ask(&mut limits, COMMAND_BURST + 5), (COMMAND_BURST as usize, 5));
+        tokio::time::advance(COMMAND_REFILL * 3 - Duration::from_millis(1)).await;
+        assert_eq!(ask(&mut limits, 4), (2, 2));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(ask(&mut limits, 2), (1, 1));
+        // A long quiet spell refills the bucket, but only up to the burst.
+        tokio::time::advance(COMMAND_REFILL * 1000).await;
+        assert_eq!(ask(&mut limits, COMMAND_BURST + 1), (COMMAND_BURST as usize, 1));
+        assert_eq!(refused(&ctx, Refusal::RateLimited), 9);
+        let last = responses_after(&ctx, &mut limits);
+        assert!(last["error"].as_str().unwrap().contains("too many commands"), "{last}");
+    }
+
+    fn responses_after(ctx: &CommandContext, limits: &mut Limits) -> Value {
+        ctx.handle(&request("help", "", false), limits);
+        responses(ctx).pop().unwrap().1
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_is_restarted_at_most_once_per_interval() {
+        let (ctx, mut limits) = (context("enabled = true"), Limits::new(Instant::now()));
+        let restart = |limits: &mut Limits, dev: &str| {
+            ctx.handle(&request("restart_device", format!(r#"{{"device":"{dev}"}}"#), false), limits);
+            responses(&ctx).pop().unwrap().1
+        };
+        let restarted = |dev: usize| {
+            let d = &ctx.devices.snapshot()[dev];
+            let n = std::pin::pin!(d.restart.notified());
+            // A stored permit completes `notified` at its first poll.
+            futures_poll_once(n)
+        };
+        assert_eq!(restart(&mut limits, "a")["ok"], true);
+        assert!(restarted(0));
+        let again = restart(&mut limits, "a");
+        assert_eq!(again["ok"], false);
+        assert!(again["error"].as_str().unwrap().contains("try again in 10.0s"), "{again}");
+        assert!(!restarted(0));
+        // Another device has its own interval.
+        assert_eq!(restart(&mut limits, "b")["ok"], true);
+        tokio::time::advance(RESTART_INTERVAL - Duration::from_millis(1)).await;
+        assert_eq!(restart(&mut limits, "a")["ok"], false);
+        assert!(!restarted(0));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(restart(&mut limits, "a")["ok"], true);
+        assert!(restarted(0));
+        assert_eq!(refused(&ctx, Refusal::RestartTooSoon), 2);
+        assert_eq!(ctx.stats.snapshot().executed, 3);
+    }
+
+    /// Polls a future once with a no-op waker: true if it completed.
+    fn futures_poll_once(f: std::pin::Pin<&mut impl std::future::Future>) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        f.poll(&mut cx).is_ready()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_allowed_commands_run_and_help_lists_them() {
+        let (ctx, mut limits) =
+            (context("enabled = true\nallow = [\"help\", \"metrics\"]"), Limits::new(Instant::now()));
+        ctx.handle(&request("restart_device", r#"{"id":"r","device":"a"}"#, false), &mut limits);
+        ctx.handle(&request("help", r#"{"id":"h"}"#, false), &mut limits);
+        let r = responses(&ctx);
+        assert_eq!(r[0].0, "restart_device");
+        assert_eq!((r[0].1["id"].as_str(), r[0].1["ok"].as_bool()), (Some("r"), Some(false)));
+        assert!(r[0].1["error"].as_str().unwrap().contains("not allowed"), "{}", r[0].1);
+        assert!(!futures_poll_once(std::pin::pin!(ctx.devices.snapshot()[0].restart.notified())));
+        assert_eq!(r[1].1["result"]["commands"], json!(["metrics", "help"]));
+        assert_eq!(refused(&ctx, Refusal::NotAllowed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn responses_waiting_stay_under_the_byte_budget() {
+        // A `config` response is as large as the config: a long (valid) log filter makes it 4 KiB.
+        let big = format!("enabled = true\n[log]\nfilter = \"info,{}=debug\"", "m".repeat(4000));
+        let (ctx, mut limits) = (context(&big), Limits::new(Instant::now()));
+        for _ in 0..COMMAND_BURST {
+            ctx.handle(&request("config", "", false), &mut limits);
+        }
+        let dropped = ctx.stats.snapshot().responses_dropped;
+        let r = responses(&ctx);
+        let size = "sensorgate/gw/cmd/config/response".len() + r[0].1.to_string().len();
+        assert!(size > 4000, "{size}");
+        assert_eq!(r.len(), RESPONSE_BUDGET / size);
+        assert_eq!(dropped, u64::from(COMMAND_BURST) - r.len() as u64);
+        assert!(dropped > 0);
+    }
 
     #[test]
     fn secrets_are_redacted_wherever_they_are() {

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::commands::Command;
+
 /// `mqtt.max_packet_size` bounds: below 128 bytes no reading fits beside its topic; above is
 /// more than MQTT's remaining-length field can express.
 const MIN_PACKET_SIZE: u64 = 128;
@@ -76,12 +78,27 @@ fn d_log_filter() -> String {
     "info".into()
 }
 
-/// Commands over MQTT (`<prefix>/<gateway>/cmd/<name>`); off unless enabled.
+/// Commands over MQTT (`<prefix>/<gateway>/cmd/<name>`); off unless enabled. Whoever may
+/// publish to `cmd/#` may run the allowed commands: see README "Commands: the trust model".
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandsConfig {
     #[serde(default)]
     pub enabled: bool,
+    /// The commands that may run, by name; default: every command. Names are checked at load.
+    pub allow: Option<Vec<String>>,
+}
+
+impl CommandsConfig {
+    /// The commands that may run: none when commands are off. Unknown names in `allow` are a
+    /// config problem (see [`Config::validate`]), so they never get here.
+    pub fn allowed(&self) -> Vec<Command> {
+        match (&self.allow, self.enabled) {
+            (_, false) => Vec::new(),
+            (None, true) => Command::ALL.to_vec(),
+            (Some(names), true) => Command::ALL.into_iter().filter(|c| names.iter().any(|n| n == c.as_str())).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -158,18 +175,67 @@ impl MqttConfig {
     /// A relative path is looked up in `$CREDENTIALS_DIRECTORY`, where systemd's
     /// `LoadCredential=` puts files for the service.
     ///
+    /// The file must be a regular file of at most [`MAX_PASSWORD_FILE`] bytes. It is opened
+    /// with `O_NONBLOCK` and checked before a byte is read, so a FIFO (whose open would wait
+    /// for a writer), `/dev/zero` (endless) or a directory is refused at once instead of
+    /// hanging or filling memory.
+    ///
     /// # Errors
-    /// The file cannot be read.
+    /// The file cannot be read, is not a regular file, or is too large.
     pub fn password(&self) -> std::io::Result<Option<String>> {
+        use std::io::{Error, ErrorKind, Read};
+        use std::os::unix::fs::OpenOptionsExt;
         let Some(file) = &self.password_file else { return Ok(None) };
         let path = match std::env::var_os("CREDENTIALS_DIRECTORY") {
             Some(dir) if file.is_relative() => Path::new(&dir).join(file),
             _ => file.clone(),
         };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{} cannot be read: {e}", path.display())))?;
+        let fail = |e: Error| Error::new(e.kind(), format!("{} cannot be read: {e}", path.display()));
+        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).map_err(fail)?;
+        let meta = f.metadata().map_err(fail)?;
+        if !meta.is_file() {
+            let what = if meta.is_dir() { "a directory" } else { "not a regular file (a device, FIFO or socket)" };
+            return Err(Error::new(ErrorKind::InvalidInput, format!("{} is {what}", path.display())));
+        }
+        let mut text = String::new();
+        // One byte over the limit tells "too large" from "exactly at the limit".
+        f.take(MAX_PASSWORD_FILE + 1).read_to_string(&mut text).map_err(fail)?;
+        if text.len() as u64 > MAX_PASSWORD_FILE {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                format!("{} is larger than {MAX_PASSWORD_FILE} bytes", path.display()),
+            ));
+        }
         Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()))
     }
+
+    /// A username and password would cross the network in clear text: plain TCP (no
+    /// `[mqtt.tls]`) to a host that is not this machine. Loopback is exempt (a broker on the
+    /// same host, or a local TLS-terminating proxy).
+    fn cleartext_credentials(&self) -> Option<Problem> {
+        if self.username.is_none() || self.tls.is_some() || is_loopback(&self.host) {
+            return None;
+        }
+        Some(Problem::new(
+            "mqtt.username",
+            format!(
+                "the username and password go to {}:{} over plain TCP, readable by anyone on the way",
+                self.host, self.port
+            ),
+            "add an [mqtt.tls] section (and the broker's TLS port, usually port = 8883)",
+        ))
+    }
+}
+
+/// `password_file` larger than this is refused: a password is a line, not a file's worth.
+pub const MAX_PASSWORD_FILE: u64 = 4096;
+
+/// `localhost`, 127.0.0.0/8 and ::1: traffic that never leaves the machine.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.to_ascii_lowercase().ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 impl TlsConfig {
@@ -632,6 +698,12 @@ impl Config {
         self.mqtt.client_id.clone().unwrap_or_else(|| format!("sensorgate-{}", self.gateway.id))
     }
 
+    /// What works but should not be left so (the gateway runs; `check` prints these and
+    /// still succeeds).
+    pub fn warnings(&self) -> Vec<Problem> {
+        self.mqtt.cleartext_credentials().into_iter().collect()
+    }
+
     /// Every semantic problem, all at once.
     pub fn validate(&self) -> Vec<Problem> {
         let mut p = Vec::new();
@@ -724,7 +796,7 @@ impl Config {
                     p.push(Problem::new(
                         "mqtt.password_file",
                         e.to_string(),
-                        "check the path (relative paths are looked up in $CREDENTIALS_DIRECTORY) and that the gateway's user may read it",
+                        "check the path (relative paths are looked up in $CREDENTIALS_DIRECTORY): a regular file of at most 4KiB holding the password, readable by the gateway's user",
                     ));
                 }
             }
@@ -745,6 +817,24 @@ impl Config {
                     _ => "mqtt.tls".to_string(),
                 };
                 p.push(Problem::new(key, msg, "point the mqtt.tls files at readable PEM files"));
+            }
+        }
+        if let Some(allow) = &self.commands.allow {
+            if allow.is_empty() && self.commands.enabled {
+                p.push(Problem::new(
+                    "commands.allow",
+                    "is empty, so no command could run",
+                    format!("list the commands to allow ({}), or set commands.enabled = false", Command::names()),
+                ));
+            }
+            for (i, name) in allow.iter().enumerate() {
+                if Command::from_name(name).is_none() {
+                    p.push(Problem::new(
+                        format!("commands.allow[{i}]"),
+                        format!("{name:?} is not a command"),
+                        format!("use some of: {}", Command::names()),
+                    ));
+                }
             }
         }
         let ha = &self.homeassistant;

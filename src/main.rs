@@ -85,6 +85,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                // Warnings go to stderr and do not fail the check: the config works as it is.
+                for w in c.warnings() {
+                    eprintln!("warning: {}", w.to_string_in(&config));
+                }
                 println!("{}: ok ({} device(s), gateway {:?})", config.display(), c.devices.len(), c.gateway.id);
                 ExitCode::SUCCESS
             }
@@ -96,6 +100,9 @@ fn main() -> ExitCode {
                 Err(e) => return config_failure(&e),
             };
             init_logging(cli.log_format, &config.log.filter);
+            for w in config.warnings() {
+                tracing::warn!(key = %w.key, problem = %w.message, fix = %w.fix, "The configuration works but is unsafe.");
+            }
             exit_from(runtime().and_then(|rt| rt.block_on(run(config, path))))
         }
         Command::Simulate { link, port, baud, framing, format, rate, count, start } => {

@@ -16,7 +16,20 @@ pub struct Metrics<'a> {
     pub process: ProcessMetrics,
     pub queue: QueueMetrics,
     pub mqtt: MqttMetrics,
+    pub commands: CommandMetrics,
     pub devices: BTreeMap<&'a str, DeviceMetrics>,
+}
+
+/// Commands over MQTT (all zero while they are off).
+#[derive(Debug, Serialize)]
+pub struct CommandMetrics {
+    /// Requests executed (answered with `"ok": true`).
+    pub executed: u64,
+    /// Requests refused or ignored, by reason (`commands::Refusal`): `retained` and `unknown`
+    /// get no response, the others an error response.
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Responses not sent because too many were waiting (`commands::RESPONSE_BUDGET`).
+    pub responses_dropped: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -121,6 +134,7 @@ pub fn snapshot<'a>(
     queue: &ReadingQueue,
     config: &crate::config::QueueConfig,
     mqtt: MqttMetrics,
+    commands: CommandMetrics,
 ) -> Metrics<'a> {
     let now_us = crate::telemetry::now_us();
     let counters: Vec<_> = devices
@@ -177,6 +191,7 @@ pub fn snapshot<'a>(
             ledger_errors: ledger.ledger_errors,
         },
         mqtt,
+        commands,
         devices,
     }
 }

@@ -270,10 +270,14 @@ impl ReadingQueue {
     }
 
     /// Queues a one-off message (a command response) behind the other control messages,
-    /// replacing nothing. Returns false, dropping it, when too many are already waiting.
-    pub fn push_response(&self, control: Control) -> bool {
+    /// replacing nothing. Returns false, dropping it, when too many are already waiting or
+    /// when the one-off (not retained) messages waiting would exceed `max_bytes` with it:
+    /// control messages go ahead of readings, so their bytes are what readings wait behind.
+    pub fn push_response(&self, control: Control, max_bytes: usize) -> bool {
         let mut q = self.lock();
-        if q.control.len() >= MAX_CONTROL {
+        let one_off = |c: &Control| if c.retain { 0 } else { c.topic.len() + c.payload.len() };
+        let waiting: usize = q.control.iter().map(one_off).sum();
+        if q.control.len() >= MAX_CONTROL || waiting + one_off(&control) > max_bytes {
             return false;
         }
         q.control.push_back(control);

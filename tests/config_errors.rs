@@ -84,6 +84,8 @@ fn corpus(dir: &Path) -> Vec<Case> {
     let not_pem = dir.join("not-a-cert.pem");
     std::fs::write(&not_pem, "this is not a certificate\n").unwrap();
     let some_file = not_pem.display().to_string();
+    let big_password = dir.join("big-password");
+    std::fs::write(&big_password, "p".repeat(4097)).unwrap();
     let s = |p: &Path| p.display().to_string();
     vec![
         // --- unknown keys: top level, [mqtt], [[device]] (and the nested tables) ---
@@ -148,11 +150,16 @@ fn corpus(dir: &Path) -> Vec<Case> {
         case("reconnect_min above reconnect_max", cfg("[mqtt]\nreconnect_min = \"1m\"\nreconnect_max = \"10s\"\n", ""), "mqtt.reconnect_min", &["not above mqtt.reconnect_max"], "reconnect_min = \"200ms\""),
         case("password_file without username", cfg(&format!("[mqtt]\npassword_file = {:?}\n", some_file), ""), "mqtt.password_file", &["is given without mqtt.username"], "add mqtt.username"),
         case("password_file missing", cfg(&format!("[mqtt]\nusername = \"gw\"\npassword_file = {:?}\n", s(&missing)), ""), "mqtt.password_file", &["no-such-dir/mqtt-password cannot be read", "No such file"], "check the path"),
-        case("password_file is a directory", cfg(&format!("[mqtt]\nusername = \"gw\"\npassword_file = {:?}\n", s(dir)), ""), "mqtt.password_file", &["cannot be read"], "check the path"),
+        case("password_file is a directory", cfg(&format!("[mqtt]\nusername = \"gw\"\npassword_file = {:?}\n", s(dir)), ""), "mqtt.password_file", &["is a directory"], "a regular file of at most 4KiB"),
+        case("password_file over 4KiB", cfg(&format!("[mqtt]\nusername = \"gw\"\npassword_file = {:?}\n", s(&big_password)), ""), "mqtt.password_file", &["big-password is larger than 4096 bytes"], "a regular file of at most 4KiB"),
+        case("password_file is a device", cfg("[mqtt]\nusername = \"gw\"\npassword_file = \"/dev/null\"\n", ""), "mqtt.password_file", &["/dev/null is not a regular file"], "a regular file of at most 4KiB"),
         case("client_cert without client_key", cfg(&format!("[mqtt.tls]\nclient_cert = {:?}\n", some_file), ""), "mqtt.tls.client_cert", &["client_cert and client_key go together"], "give both"),
         case("client_key without client_cert", cfg(&format!("[mqtt.tls]\nclient_key = {:?}\n", some_file), ""), "mqtt.tls.client_cert", &["client_cert and client_key go together"], "give both"),
         case("ca_file missing", cfg(&format!("[mqtt.tls]\nca_file = {:?}\n", s(&missing_ca)), ""), "mqtt.tls.ca_file", &["ca_file", "no-such-dir/ca.pem", "No such file"], "readable PEM files"),
         case("ca_file not PEM", cfg(&format!("[mqtt.tls]\nca_file = {:?}\n", some_file), ""), "mqtt.tls.ca_file", &["ca_file", "no PEM certificate"], "readable PEM files"),
+        // --- commands ---
+        case("unknown command in allow", cfg("[commands]\nenabled = true\nallow = [\"help\", \"reboot\"]\n", ""), "commands.allow[1]", &["\"reboot\" is not a command"], "use some of: restart_device, metrics, config, help"),
+        case("empty allow", cfg("[commands]\nenabled = true\nallow = []\n", ""), "commands.allow", &["is empty, so no command could run"], "or set commands.enabled = false"),
         // --- devices ---
         case("framing cobs with format kv", cobs("format = \"kv\"\n"), "device[0].format", &["is a text format and needs framing = \"lines\""], "format = \"postcard\""),
         case("framing lines with format postcard", cfg("", "format = \"postcard\"\n"), "device[0].format", &["\"postcard\" is binary and needs framing = \"cobs\""], "framing = \"cobs\""),
@@ -361,4 +368,100 @@ fn run_refuses_the_same_files_with_78() {
         find(&found, &c.want).unwrap_or_else(|why| panic!("[{name}] {why}: {log}"));
         assert!(!log.contains("Gateway running"), "[{name}] {log}");
     }
+}
+
+/// Runs `sensorgate check` like [`check`], but kills it if it has not finished within
+/// `limit` (a check that hangs is itself the failure).
+fn check_within(path: &Path, limit: Duration) -> (Option<i32>, String) {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+        .args(["check", "--config"])
+        .arg(path)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => {
+            let out = out.unwrap();
+            (out.status.code(), String::from_utf8_lossy(&out.stderr).into())
+        }
+        Err(_) => {
+            // SAFETY: kill(2) on our own child's pid; the waiting thread reaps it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("`sensorgate check` with {} still running after {limit:?}", path.display());
+        }
+    }
+}
+
+/// A FIFO would block `open` until a writer comes; /dev/zero never ends. Either must be a
+/// quick, clear config error, never a hang or a memory blow-up.
+#[test]
+fn a_password_file_that_is_a_fifo_or_dev_zero_is_refused_at_once() {
+    let dir = common::tempdir();
+    let fifo = dir.path().join("password-fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    for (file, want) in [
+        (fifo.as_path(), &["password-fifo is not a regular file"][..]),
+        (Path::new("/dev/zero"), &["/dev/zero is not a regular file"]),
+    ] {
+        let path = dir.path().join("pw.toml");
+        std::fs::write(
+            &path,
+            cfg(&format!("[mqtt]\nusername = \"gw\"\npassword_file = {:?}\n", file.display().to_string()), ""),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let (code, stderr) = check_within(&path, Duration::from_secs(5));
+        assert_eq!(code, Some(EX_CONFIG), "{stderr}");
+        let (_, found) = problems(&stderr, &path.display().to_string());
+        let want = Want { key: "mqtt.password_file", message: want, fix: "a regular file of at most 4KiB" };
+        find(&found, &want).unwrap_or_else(|why| panic!("{why}: {stderr}"));
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    }
+}
+
+/// Credentials over plain TCP to another host are worth a warning; `check` still passes (the
+/// config works). Loopback and TLS are quiet.
+#[test]
+fn cleartext_credentials_to_another_host_are_warned_about_but_pass() {
+    let dir = common::tempdir();
+    let secret = dir.path().join("mqtt-password");
+    std::fs::write(&secret, "pw\n").unwrap();
+    let creds = format!("username = \"gw\"\npassword_file = {:?}\n", secret.display().to_string());
+    let cases = [
+        ("broker.example.net", "", true),
+        ("192.0.2.10", "", true),
+        ("127.0.0.1", "", false),
+        ("localhost", "", false),
+        ("::1", "", false),
+        ("broker.example.net", "[mqtt.tls]\n", false),
+    ];
+    for (host, tls, warned) in cases {
+        let path = dir.path().join("creds.toml");
+        std::fs::write(&path, cfg(&format!("[mqtt]\nhost = {host:?}\n{creds}{tls}"), "")).unwrap();
+        let (code, stdout, stderr) = check(&path);
+        assert_eq!(code, Some(0), "[{host} {tls}] {stderr}");
+        assert!(stdout.contains(": ok ("), "{stdout}");
+        let want = format!(
+            "warning: {}: mqtt.username: the username and password go to {host}:1883 over plain TCP",
+            path.display()
+        );
+        assert_eq!(stderr.contains(&want), warned, "[{host} {tls}] {stderr}");
+        assert_eq!(stderr.contains("warning:"), warned, "[{host} {tls}] {stderr}");
+        if warned {
+            assert!(stderr.contains("(fix: add an [mqtt.tls] section"), "{stderr}");
+        }
+    }
+    // Without credentials there is nothing to leak.
+    let path = dir.path().join("anon.toml");
+    std::fs::write(&path, cfg("[mqtt]\nhost = \"broker.example.net\"\n", "")).unwrap();
+    let (code, _, stderr) = check(&path);
+    assert_eq!((code, stderr.as_str()), (Some(0), ""));
 }

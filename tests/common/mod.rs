@@ -356,7 +356,8 @@ pub fn tempdir() -> tempfile::TempDir {
 /// Publishes one message at QoS 1 from a throwaway client and waits for the broker's ack.
 pub async fn publish(port: u16, topic: &str, payload: &[u8], retain: bool) {
     let mut opts = MqttOptions::new(format!("test-pub-{}", free_port()), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
+    // Large enough for the oversized messages some tests send on purpose.
+    opts.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 4);
     client.publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()).await.unwrap();
     let acked = async {
