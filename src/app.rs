@@ -218,7 +218,6 @@ impl Core {
             queue: Arc::clone(&self.queue),
             opener: Arc::clone(&self.hooks.opener),
             decoders: Arc::clone(&self.hooks.decoders),
-            started: self.started,
             restart_min: RESTART_MIN,
             restart_max: RESTART_MAX,
             jitter: self.hooks.jitter,

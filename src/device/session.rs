@@ -56,7 +56,6 @@ pub async fn run(
         dev: Arc::clone(dev),
         queue: Arc::clone(&ctx.queue),
         decoders: Arc::clone(&ctx.decoders),
-        started: ctx.started,
         panicked: Some(panic_tx),
     };
     // A dedicated thread rather than spawn_blocking: it lives as long as the session, keeps
