@@ -207,6 +207,26 @@ pub fn device_restarting(device: &str, counters: &DeviceCounters, error: &str, b
     );
 }
 
+/// What the shutdown is waiting for now. A plain static because its reader is the process
+/// watchdog (see `main.rs`), a thread outside the runtime that must work when the runtime is
+/// wedged; only the shutdown path writes it.
+static SHUTDOWN_STAGE: Mutex<String> = Mutex::new(String::new());
+
+/// Records what the shutdown waits for now (e.g. "devices still stopping: a, b").
+pub fn shutdown_stage(what: impl Into<String>) {
+    *SHUTDOWN_STAGE.lock().unwrap_or_else(PoisonError::into_inner) = what.into();
+}
+
+/// What the shutdown was last recorded waiting for, for the line that says who is late.
+pub fn shutdown_waiting_for() -> String {
+    let stage = SHUTDOWN_STAGE.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    if stage.is_empty() {
+        "the shutdown had not started its phases".into()
+    } else {
+        stage
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

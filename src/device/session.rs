@@ -22,6 +22,8 @@ const READ_CHUNK: usize = 4096;
 /// Chunks waiting for the decode thread. Small on purpose: a slow decoder slows its own
 /// port's reads (the kernel buffers, then the sensor waits), it never grows memory.
 const CHUNKS_IN_FLIGHT: usize = 8;
+/// Waiting this long for the decode thread at shutdown, the session says so (once).
+const DECODER_LATE: Duration = Duration::from_millis(500);
 
 /// Why a session ended. Every variant but `Cancelled` leads to a restart.
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +60,17 @@ pub async fn run(
         decoders: Arc::clone(&ctx.decoders),
         panicked: Some(panic_tx),
     };
+    // Dropped when the thread ends, however it ends: lets the session wait for it without
+    // holding a blocking-pool thread (the runtime's drop would wait for that one forever if
+    // the decoder hangs).
+    let (ended_tx, mut ended) = oneshot::channel::<()>();
     // A dedicated thread rather than spawn_blocking: it lives as long as the session, keeps
     // the device's frames in order, and cannot starve the blocking pool others rely on.
-    let handle = match std::thread::Builder::new().name(format!("decode-{}", dev.name())).spawn(move || worker.run(rx))
-    {
+    let thread = std::thread::Builder::new().name(format!("decode-{}", dev.name())).spawn(move || {
+        let _ended = ended_tx;
+        worker.run(rx);
+    });
+    let handle = match thread {
         Ok(h) => h,
         Err(e) => return SessionEnd::Io(e),
     };
@@ -105,6 +114,15 @@ pub async fn run(
     drop(port);
     drop(tx);
     // The thread drains what it was given, then ends; its panic (outside a frame) shows here.
+    if tokio::time::timeout(DECODER_LATE, &mut ended).await.is_err() {
+        tracing::warn!(
+            device = dev.name(),
+            waited_ms = DECODER_LATE.as_millis() as u64,
+            "Decode thread still busy with this session's bytes (a decoder stuck on a frame?); waiting."
+        );
+        let _ = ended.await;
+    }
+    // It has ended (or is ending): the join cannot block for long.
     let joined = tokio::task::spawn_blocking(move || handle.join()).await;
     if matches!(end, SessionEnd::Cancelled) {
         return end;
