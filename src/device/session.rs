@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::worker::{panic_message, Chunk, Worker};
-use super::{SerialPort, State, SupervisorContext};
+use super::{DeviceRuntime, SerialPort, State, SupervisorContext};
 use crate::liveness;
 use crate::telemetry::now_us;
 
@@ -22,6 +22,12 @@ const READ_CHUNK: usize = 4096;
 /// Chunks waiting for the decode thread. Small on purpose: a slow decoder slows its own
 /// port's reads (the kernel buffers, then the sensor waits), it never grows memory.
 const CHUNKS_IN_FLIGHT: usize = 8;
+/// At shutdown, what the port still holds is read until it has nothing for this long...
+const LEFTOVER_QUIET: Duration = Duration::from_millis(10);
+/// ...or for this long in all, or this many bytes: a sensor that keeps talking cannot hold
+/// the shutdown up. A pseudo-terminal holds 18 KiB, a UART's tty buffers a few tens of KiB.
+const LEFTOVER_TIME: Duration = Duration::from_millis(250);
+const LEFTOVER_MAX: usize = 64 * 1024;
 /// Waiting this long for the decode thread at shutdown, the session says so (once).
 const DECODER_LATE: Duration = Duration::from_millis(500);
 
@@ -111,6 +117,9 @@ pub async fn run(
             }
         }
     };
+    if matches!(end, SessionEnd::Cancelled) {
+        read_leftover(&mut port, &mut buf, &tx, dev).await;
+    }
     drop(port);
     drop(tx);
     // The thread drains what it was given, then ends; its panic (outside a frame) shows here.
@@ -138,4 +147,36 @@ pub async fn run(
         }
     }
     end
+}
+
+/// At shutdown: what the port already holds — bytes the sensor sent before the signal, still
+/// in the kernel's buffer — is read and handed to the decode thread, so it is decoded and
+/// delivered like everything read before. Reads until the port is quiet for
+/// [`LEFTOVER_QUIET`] (a port's readiness reaches the task within one reactor turn, so bytes
+/// already buffered are never missed), at most [`LEFTOVER_MAX`] bytes, and waits at most
+/// [`LEFTOVER_TIME`] on the port in all (time spent handing bytes to a slow decoder does not
+/// count: the shutdown deadline bounds that).
+async fn read_leftover(port: &mut SerialPort, buf: &mut BytesMut, tx: &mpsc::Sender<Chunk>, dev: &DeviceRuntime) {
+    let mut budget = LEFTOVER_TIME;
+    let mut total = 0;
+    while total < LEFTOVER_MAX && !budget.is_zero() {
+        buf.reserve(READ_CHUNK.min(LEFTOVER_MAX - total));
+        let began = Instant::now();
+        let read = tokio::time::timeout(LEFTOVER_QUIET.min(budget), port.read_buf(buf)).await;
+        budget = budget.saturating_sub(began.elapsed());
+        match read {
+            Ok(Ok(n)) if n > 0 => {
+                total += n;
+                dev.counters.bytes_in.fetch_add(n as u64, Relaxed);
+                if tx.send((buf.split().freeze(), now_us())).await.is_err() {
+                    break;
+                }
+            }
+            // Quiet, EOF or an error: nothing more to take.
+            _ => break,
+        }
+    }
+    if total > 0 {
+        tracing::debug!(device = dev.name(), bytes = total, "Read what the port held at shutdown.");
+    }
 }
