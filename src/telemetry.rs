@@ -1,7 +1,7 @@
 //! Counters and notable events. Each event is one function that logs *and* counts, so the
 //! log and the metrics topic never disagree. ERROR means data loss or an operator must act.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +25,8 @@ pub struct DeviceCounters {
     /// Rate limits of this device's per-frame log lines. Here, not in the session, so a
     /// device that flaps (a new session every backoff) cannot start a fresh burst each time.
     logs: Mutex<DeviceLogs>,
+    /// Whether any of `logs` holds back events not written yet (read after every chunk).
+    held_back: AtomicBool,
 }
 
 /// One [`LogLimit`] per kind of per-frame or per-reading log line.
@@ -79,20 +81,7 @@ impl LogLimit {
     /// Records one event carrying `amount` at `now`; `Some` when its line is to be written.
     /// The clock is a parameter so tests drive it exactly.
     pub fn admit(&mut self, now: Instant, amount: u64) -> Option<Admitted> {
-        let refilled = *self.refilled.get_or_insert_with(|| {
-            self.tokens = LOG_BURST;
-            now
-        });
-        let periods = now.saturating_duration_since(refilled).as_nanos() / LOG_EVERY.as_nanos();
-        if periods > 0 {
-            self.tokens = LOG_BURST.min(self.tokens.saturating_add(u32::try_from(periods).unwrap_or(u32::MAX)));
-            // A full bucket restarts the period from now; otherwise keep the remainder.
-            self.refilled = Some(if self.tokens == LOG_BURST {
-                now
-            } else {
-                refilled + LOG_EVERY * u32::try_from(periods).unwrap_or(u32::MAX)
-            });
-        }
+        self.refill(now);
         self.amount += amount;
         if self.tokens == 0 {
             self.suppressed += 1;
@@ -102,9 +91,36 @@ impl LogLimit {
         Some(self.take())
     }
 
-    /// The events not written yet, if any; for a closing summary line.
+    /// The events not written yet, if a line may be written for them at `now`: so a flood
+    /// that stopped is summed up within a period, not only when the next one starts.
+    pub fn due(&mut self, now: Instant) -> Option<Admitted> {
+        if self.suppressed == 0 {
+            return None;
+        }
+        self.refill(now);
+        let token = self.tokens.checked_sub(1)?;
+        self.tokens = token;
+        Some(self.take())
+    }
+
+    /// The events not written yet, if any, whatever the limit: for a closing summary line.
     pub fn pending(&mut self) -> Option<Admitted> {
         (self.suppressed > 0).then(|| self.take())
+    }
+
+    /// One token per period since the last refill, up to the burst.
+    fn refill(&mut self, now: Instant) {
+        let refilled = *self.refilled.get_or_insert_with(|| {
+            self.tokens = LOG_BURST;
+            now
+        });
+        let periods = now.saturating_duration_since(refilled).as_nanos() / LOG_EVERY.as_nanos();
+        if periods > 0 {
+            let periods = u32::try_from(periods).unwrap_or(u32::MAX);
+            self.tokens = LOG_BURST.min(self.tokens.saturating_add(periods));
+            // A full bucket restarts the period from now; otherwise keep the remainder.
+            self.refilled = Some(if self.tokens == LOG_BURST { now } else { refilled + LOG_EVERY * periods });
+        }
     }
 
     fn take(&mut self) -> Admitted {
@@ -168,17 +184,33 @@ where
     F: for<'a> FnOnce(&'a mut DeviceLogs) -> &'a mut LogLimit,
 {
     let admitted = pick(&mut counters.logs()).admit(Instant::now(), amount);
-    if let Some(a) = admitted {
-        line(a);
+    match admitted {
+        Some(a) => line(a),
+        None => counters.held_back.store(true, Relaxed),
     }
 }
 
-/// Writes what the rate limits held back for this device, one line per kind: called when a
-/// session ends, so a flood that stopped is still summed up in the log.
+/// Writes the summary lines that are due: what the rate limits held back for this device
+/// once a line may be written again. Called by the decode thread after every chunk, so a flood
+/// that stopped is summed up within [`LOG_EVERY`] while good frames keep coming. Cheap when
+/// nothing was held back (one atomic load).
+pub fn flush_due(device: &str, counters: &DeviceCounters) {
+    if counters.held_back.load(Relaxed) {
+        let now = Instant::now();
+        write_held_back(device, counters, |l| l.due(now));
+    }
+}
+
+/// Writes everything the rate limits held back for this device, one line per kind: called
+/// when a session ends.
 pub fn flush_suppressed(device: &str, counters: &DeviceCounters) {
+    write_held_back(device, counters, LogLimit::pending);
+}
+
+fn write_held_back(device: &str, counters: &DeviceCounters, mut take: impl FnMut(&mut LogLimit) -> Option<Admitted>) {
     let mut logs = counters.logs();
     for reason in Reject::ALL {
-        if let Some(a) = logs.rejected[reason.index()].pending() {
+        if let Some(a) = take(&mut logs.rejected[reason.index()]) {
             // Not a frame of its own: a different sentence, so the lines still add up.
             tracing::warn!(
                 device,
@@ -188,12 +220,14 @@ pub fn flush_suppressed(device: &str, counters: &DeviceCounters) {
             );
         }
     }
-    if let Some(a) = logs.sequence_gap.pending() {
+    if let Some(a) = take(&mut logs.sequence_gap) {
         log_gap(device, a);
     }
-    if let Some(a) = logs.dropped.pending() {
+    if let Some(a) = take(&mut logs.dropped) {
         log_dropped(device, a);
     }
+    let left = logs.rejected.iter().chain([&logs.sequence_gap, &logs.dropped]).any(|l| l.suppressed > 0);
+    counters.held_back.store(left, Relaxed);
 }
 
 /// A device session ended and will be restarted.
@@ -251,8 +285,14 @@ mod tests {
         assert_eq!(l.admit(at(21), 5), None);
         assert_eq!(l.pending(), Some(Admitted { suppressed: 1, amount: 5 }));
         assert_eq!(l.pending(), None);
+        // Held back at 22 s: due only once the next period's token is there (at 30 s).
+        assert_eq!(l.admit(at(22), 1), None);
+        assert_eq!(l.due(at(29)), None);
+        assert_eq!(l.due(at(30)), Some(Admitted { suppressed: 1, amount: 1 }));
+        assert_eq!(l.due(at(45)), None, "nothing held back");
+        assert_eq!(l.admit(at(45), 1), Some(Admitted { suppressed: 0, amount: 1 }));
         // Quiet for three periods: the whole burst again, nothing suppressed.
-        let written: Vec<Admitted> = (0..5).filter_map(|_| l.admit(at(50), 1)).collect();
+        let written: Vec<Admitted> = (0..5).filter_map(|_| l.admit(at(80), 1)).collect();
         assert_eq!(written, vec![Admitted { suppressed: 0, amount: 1 }; 3]);
         assert_eq!(l.pending(), Some(Admitted { suppressed: 2, amount: 2 }));
     }
@@ -277,5 +317,23 @@ mod tests {
         tokio::time::advance(LOG_EVERY).await;
         frame_rejected("d", &c, Reject::BadJson);
         assert_eq!(c.logs().rejected[Reject::BadJson.index()].tokens, 0, "one token refilled, and spent");
+    }
+
+    /// A flood that stopped is summed up by the per-chunk check once a period has passed,
+    /// not only when the session ends.
+    #[tokio::test(start_paused = true)]
+    async fn held_back_lines_are_written_when_due() {
+        let c = DeviceCounters::default();
+        for _ in 0..10 {
+            frame_rejected("d", &c, Reject::BadCrc);
+        }
+        assert!(c.held_back.load(Relaxed));
+        flush_due("d", &c);
+        assert!(c.held_back.load(Relaxed), "not due within the period");
+        tokio::time::advance(LOG_EVERY).await;
+        flush_due("d", &c);
+        assert!(!c.held_back.load(Relaxed), "written");
+        assert_eq!(c.logs().rejected[Reject::BadCrc.index()].pending(), None);
+        assert_eq!(c.rejected_total(), 10);
     }
 }

@@ -78,6 +78,7 @@ impl Worker {
                     telemetry::readings_dropped(name, counters, outcome.evicted);
                 }
             });
+            telemetry::flush_due(name, counters);
         }
         // The session is over; a frame begun on this port will never be finished.
         if framer.has_partial() {
