@@ -26,6 +26,7 @@ use crate::metrics::{self, MqttMetrics};
 use crate::mqtt::{self, MqttShared};
 use crate::queue::{Control, LaneStats, ReadingQueue};
 use crate::reading::PacketLimit;
+use crate::telemetry;
 use crate::topics::Topics;
 
 /// Device restart backoff bounds.
@@ -226,7 +227,6 @@ impl Core {
             queue: Arc::clone(&self.queue),
             opener: Arc::clone(&self.hooks.opener),
             decoders: Arc::clone(&self.hooks.decoders),
-            started: self.started,
             restart_min: RESTART_MIN,
             restart_max: RESTART_MAX,
             jitter: self.hooks.jitter,
@@ -442,6 +442,9 @@ impl Core {
     async fn shut_down(&self, devices: Vec<RunningDevice>, mut side: MqttSide) -> Report {
         let config = self.config();
         let deadline = Instant::now() + config.gateway.shutdown_timeout;
+        // Devices get at most three quarters of the time: a device that never stops (a decoder
+        // stuck on a frame) must not leave the drain, the final metrics and `offline` none.
+        let devices_deadline = deadline - config.gateway.shutdown_timeout / 4;
         notify(&[sd_notify::NotifyState::Stopping]);
         tracing::info!(
             timeout_ms = config.gateway.shutdown_timeout.as_millis() as u64,
@@ -449,6 +452,15 @@ impl Core {
         );
         self.devices_stop.cancel();
         let registry = Arc::clone(&self.registry);
+        let late = || -> String {
+            let late: Vec<String> = registry
+                .snapshot()
+                .iter()
+                .filter(|d| d.status().state != State::Stopped)
+                .map(|d| d.name().to_string())
+                .collect();
+            late.join(", ")
+        };
         let keepers = devices.into_iter().map(|d| d.keeper).collect::<Vec<_>>();
         let all_stopped = wait_with_progress(
             async {
@@ -456,20 +468,17 @@ impl Core {
                     let _ = k.await;
                 }
             },
-            deadline,
-            || {
-                let late: Vec<String> = registry
-                    .snapshot()
-                    .iter()
-                    .filter(|d| d.status().state != State::Stopped)
-                    .map(|d| d.name().to_string())
-                    .collect();
-                format!("devices still stopping: {}", late.join(", "))
-            },
+            devices_deadline,
+            || format!("devices still stopping: {}", late()),
         )
         .await;
         if !all_stopped {
-            tracing::warn!("Some devices did not stop in time; draining what was read.");
+            // Their sessions are left behind (a decode thread stuck on a frame cannot be
+            // stopped); the process ends without them.
+            tracing::error!(
+                devices = %late(),
+                "Devices did not stop in time; leaving them behind and draining what was read."
+            );
         }
 
         tracing::info!(queued = self.queue.depth().0, "Shutting down: draining the queue.");
@@ -485,11 +494,14 @@ impl Core {
         .await;
         side.hard_stop.cancel();
         if !drained {
+            telemetry::shutdown_stage("the MQTT connection task, told to stop at once");
             let _ = side.conn.await;
         }
+        telemetry::shutdown_stage("the metrics and command tasks");
         for h in side.helpers {
             let _ = h.await;
         }
+        telemetry::shutdown_stage("the final accounting");
         self.report()
     }
 
@@ -567,6 +579,8 @@ fn died(what: &'static str, r: Result<(), tokio::task::JoinError>) -> AppError {
 async fn wait_with_progress<F: Future>(fut: F, deadline: Instant, who: impl Fn() -> String) -> bool {
     tokio::pin!(fut);
     let mut tick = tokio::time::interval_at(Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    // Kept current for the process watchdog, which names who is late if the process must be ended.
+    telemetry::shutdown_stage(who());
     loop {
         tokio::select! {
             _ = &mut fut => return true,
@@ -574,7 +588,11 @@ async fn wait_with_progress<F: Future>(fut: F, deadline: Instant, who: impl Fn()
                 tracing::warn!(waiting_for = %who(), "Deadline reached.");
                 return false;
             }
-            _ = tick.tick() => tracing::info!(waiting_for = %who(), "Still waiting."),
+            _ = tick.tick() => {
+                let who = who();
+                tracing::info!(waiting_for = %who, "Still waiting.");
+                telemetry::shutdown_stage(who);
+            }
         }
     }
 }
@@ -632,7 +650,7 @@ fn metrics_message(
         commands.snapshot(),
     );
     let payload = serde_json::to_vec(&m).expect("metrics serialise");
-    Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false }
+    Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false, correlation: None }
 }
 
 fn device_component(name: &str) -> String {

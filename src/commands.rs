@@ -239,6 +239,12 @@ impl TokenBucket {
     }
 }
 
+/// A response topic a request may name: publishable (no wildcards), not empty, and short
+/// (the request itself is capped at 4 KiB).
+fn valid_response_topic(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 1024 && !t.contains(['+', '#', '\0'])
+}
+
 impl CommandContext {
     fn handle(&self, p: &Message, limits: &mut Limits) {
         let birth = {
@@ -302,8 +308,14 @@ impl CommandContext {
                 json!({"id": id, "ok": false, "error": error})
             }
         };
-        let topic = format!("{}{name}/response", self.topics.cmd);
-        let response = Control { topic, payload: Bytes::from(response.to_string()), retain: false };
+        // MQTT 5 requests may say where to answer (the broker's ACL for our user decides
+        // where we may write); 3.1.1 ones are answered beside the request.
+        let topic = match &p.response_topic {
+            Some(t) if valid_response_topic(t) => t.clone(),
+            _ => format!("{}{name}/response", self.topics.cmd),
+        };
+        let payload = Bytes::from(response.to_string());
+        let response = Control { topic, payload, retain: false, correlation: p.correlation_data.clone() };
         if !self.queue.push_response(response, RESPONSE_BUDGET) {
             let n = self.stats.responses_dropped.fetch_add(1, Relaxed) + 1;
             tracing::warn!(command = name, dropped = n, "Too many command responses waiting; this one is dropped.");
@@ -467,7 +479,12 @@ mod tests {
             discovery: Arc::default(),
             allowed: config.commands.allowed(),
             config: Arc::new(std::sync::RwLock::new(config)),
-            metrics: Box::new(move || Control { topic: metrics.clone(), payload: Bytes::new(), retain: false }),
+            metrics: Box::new(move || Control {
+                topic: metrics.clone(),
+                payload: Bytes::new(),
+                retain: false,
+                correlation: None,
+            }),
             stats: Arc::default(),
         }
     }
@@ -509,6 +526,30 @@ mod tests {
         ctx.handle(&request("help", r#"{"id":1}"#, false), &mut limits);
         assert_eq!(responses(&ctx)[0].1["ok"], true);
         assert_eq!(ctx.stats.snapshot().executed, 1);
+    }
+
+    /// MQTT 5: a request that names a response topic and correlation data is answered there,
+    /// with the same correlation data; an unusable response topic falls back to `…/response`.
+    #[tokio::test(start_paused = true)]
+    async fn mqtt5_requests_are_answered_on_their_response_topic() {
+        let (ctx, mut limits) = (context("enabled = true"), Limits::new(Instant::now()));
+        let mut r = request("help", r#"{"id":1}"#, false);
+        r.response_topic = Some("clients/c1/replies".into());
+        r.correlation_data = Some(Bytes::from_static(b"req-7"));
+        ctx.handle(&r, &mut limits);
+        r.response_topic = Some("clients/+/replies".into());
+        ctx.handle(&r, &mut limits);
+        let sent: Vec<(String, Option<Bytes>)> = std::iter::from_fn(|| ctx.queue.pop_next())
+            .filter_map(|o| match o {
+                Outbound::Control(c) => Some((c.topic, c.correlation)),
+                Outbound::Reading { .. } => None,
+            })
+            .collect();
+        let corr = Some(Bytes::from_static(b"req-7"));
+        assert_eq!(
+            sent,
+            [("clients/c1/replies".to_string(), corr.clone()), ("sensorgate/gw/cmd/help/response".to_string(), corr)]
+        );
     }
 
     #[tokio::test(start_paused = true)]

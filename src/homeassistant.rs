@@ -28,7 +28,7 @@ impl Discovery {
         self.messages
             .iter()
             .filter(|m| !next.messages.iter().any(|n| n.topic == m.topic))
-            .map(|m| Control { topic: m.topic.clone(), payload: Bytes::new(), retain: true })
+            .map(|m| Control { topic: m.topic.clone(), payload: Bytes::new(), retain: true, correlation: None })
             .collect()
     }
 }
@@ -134,7 +134,7 @@ fn entities(dev: &DeviceConfig) -> Vec<EntityConfig> {
 }
 
 fn control(topic: String, payload: &Value) -> Control {
-    Control { topic, payload: Bytes::from(payload.to_string()), retain: true }
+    Control { topic, payload: Bytes::from(payload.to_string()), retain: true, correlation: None }
 }
 
 /// Home Assistant object ids: letters, digits, `_` and `-` only.

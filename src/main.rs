@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -103,7 +106,25 @@ fn main() -> ExitCode {
             for w in config.warnings() {
                 tracing::warn!(key = %w.key, problem = %w.message, fix = %w.fix, "The configuration works but is unsafe.");
             }
-            exit_from(runtime().and_then(|rt| rt.block_on(run(config, path))))
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => return exit_from(Err(e)),
+            };
+            let deadline = HardDeadline::new(config.gateway.shutdown_timeout);
+            let result = rt.block_on(run(config, path, deadline.clone()));
+            // The runtime's drop waits for blocking tasks (a DNS lookup in getaddrinfo cannot be
+            // cancelled): not past the hard deadline, and ending before the watchdog fires.
+            let budget = deadline.remaining().saturating_sub(RUNTIME_MARGIN);
+            sensorgate::telemetry::shutdown_stage("blocking tasks of the runtime (a DNS lookup, a port being opened)");
+            let began = Instant::now();
+            rt.shutdown_timeout(budget);
+            if began.elapsed() >= budget {
+                tracing::error!(
+                    waited_ms = budget.as_millis() as u64,
+                    "Blocking tasks still running at the shutdown deadline (a DNS lookup, a port being opened); exiting without them."
+                );
+            }
+            exit_from(result)
         }
         Command::Simulate { link, port, baud, framing, format, rate, count, start } => {
             init_logging(cli.log_format, "info");
@@ -214,13 +235,17 @@ mod journal {
     }
 }
 
-async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+async fn run(config: Config, path: PathBuf, deadline: HardDeadline) -> anyhow::Result<()> {
     let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
     let hup =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("cannot listen for SIGHUP")?;
-    tokio::spawn(reload_on_sighup(hup, path, reload_tx));
-    let hooks = sensorgate::app::Hooks::default();
-    let report = sensorgate::app::run_reloadable(config, shutdown_signal(), reloads, hooks).await?;
+    tokio::spawn(reload_on_sighup(hup, path, reload_tx, deadline.clone()));
+    let hooks = sensorgate::app::Hooks { decoders: test_hooks::decoders(), ..sensorgate::app::Hooks::default() };
+    let shutdown = async move {
+        shutdown_signal().await;
+        deadline.arm();
+    };
+    let report = sensorgate::app::run_reloadable(config, shutdown, reloads, hooks).await?;
     if report.lost() > 0 {
         tracing::warn!(lost = report.lost(), "Stopped with undelivered readings (see the lines above).");
     }
@@ -233,11 +258,13 @@ async fn reload_on_sighup(
     mut hup: tokio::signal::unix::Signal,
     path: PathBuf,
     reloads: tokio::sync::mpsc::Sender<Config>,
+    deadline: HardDeadline,
 ) {
     while hup.recv().await.is_some() {
         tracing::info!(config = %path.display(), "SIGHUP received: reloading the configuration.");
         match Config::load(&path) {
             Ok(config) => {
+                deadline.set_timeout(config.gateway.shutdown_timeout);
                 if reloads.send(config).await.is_err() {
                     return;
                 }
@@ -249,6 +276,72 @@ async fn reload_on_sighup(
                 tracing::error!(error = %e.to_string().lines().next().unwrap_or_default(), "Reload refused; still running on the previous configuration.");
             }
         }
+    }
+}
+
+/// Exit status when the watchdog ends a shutdown that overran its deadline (sysexits
+/// EX_SOFTWARE): something inside did not stop, and readings may be lost.
+const EXIT_FORCED: i32 = 70;
+/// How long past `gateway.shutdown_timeout` (counted from the signal) the process may live.
+/// The gateway's own deadline bounds its shutdown phases; this bounds what that cannot: a
+/// decode thread that never returns, a blocking DNS lookup the runtime's drop would wait for.
+/// Under a second, so systemd (and the operator) see the process gone within timeout + 1 s.
+const HARD_GRACE: Duration = Duration::from_millis(800);
+/// The runtime's own shutdown ends this much before the watchdog would, so the process
+/// exits normally (with its own status) whenever it can.
+const RUNTIME_MARGIN: Duration = Duration::from_millis(200);
+
+/// The process-level shutdown deadline. Armed at SIGTERM/SIGINT, it starts a plain thread
+/// (outside the runtime, so a wedged runtime cannot hold it) that ends the process
+/// `shutdown_timeout` + [`HARD_GRACE`] later with an ERROR naming what was still awaited.
+#[derive(Clone)]
+struct HardDeadline {
+    /// The current `gateway.shutdown_timeout` in ms (a reload may change it).
+    timeout_ms: Arc<AtomicU64>,
+    /// When the process must be gone, once armed.
+    at: Arc<OnceLock<Instant>>,
+}
+
+impl HardDeadline {
+    fn new(timeout: Duration) -> Self {
+        let d = Self { timeout_ms: Arc::default(), at: Arc::default() };
+        d.set_timeout(timeout);
+        d
+    }
+
+    fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms.store(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    fn limit(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Relaxed)) + HARD_GRACE
+    }
+
+    /// Starts the watchdog (once).
+    fn arm(&self) {
+        let limit = self.limit();
+        if self.at.set(Instant::now() + limit).is_err() {
+            return;
+        }
+        let watchdog = std::thread::Builder::new().name("shutdown-watchdog".into()).spawn(move || {
+            #[allow(clippy::disallowed_methods)] // A plain thread of its own, not a tokio worker.
+            std::thread::sleep(limit);
+            tracing::error!(
+                limit_ms = limit.as_millis() as u64,
+                waiting_for = %sensorgate::telemetry::shutdown_waiting_for(),
+                "Shutdown overran gateway.shutdown_timeout; ending the process now (what was not delivered is lost)."
+            );
+            std::process::exit(EXIT_FORCED);
+        });
+        if let Err(e) = watchdog {
+            tracing::error!(error = %e, "Cannot start the shutdown watchdog; the shutdown deadline is not enforced.");
+        }
+    }
+
+    /// Time left until the watchdog fires (the whole limit if no signal armed it: the gateway
+    /// stopped on its own, e.g. a critical task died).
+    fn remaining(&self) -> Duration {
+        self.at.get().map_or_else(|| self.limit(), |at| at.saturating_duration_since(Instant::now()))
     }
 }
 
@@ -306,4 +399,69 @@ async fn drive(spec: SimSpec, mut pty: PtyLink, rate: u32, count: u64, start: u6
     tracing::info!(sent, "All readings written; holding the port open until stopped.");
     shutdown_signal().await;
     Ok(sent)
+}
+
+/// Fault injection for the end-to-end tests, which run this binary and have no other way in.
+/// `SENSORGATE_TEST_SLOW_DECODER=<device>:<duration>` makes that device's decoder take that
+/// long on every frame; `<device>:forever` makes it hang on its first frame (a decoder stuck
+/// in a loop). Unset, the production decoders run untouched.
+mod test_hooks {
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use sensorgate::config::DeviceConfig;
+    use sensorgate::decode::{Decode, Decoded};
+    use sensorgate::device::DecoderFactory;
+    use sensorgate::reject::Reject;
+
+    pub const VAR: &str = "SENSORGATE_TEST_SLOW_DECODER";
+
+    pub fn decoders() -> DecoderFactory {
+        let production = sensorgate::device::default_decoders();
+        let Some(spec) = std::env::var(VAR).ok() else { return production };
+        let Some((device, delay)) = spec.rsplit_once(':') else {
+            tracing::error!(value = %spec, "Ignoring {VAR}: expected <device>:<duration|forever>.");
+            return production;
+        };
+        let delay = match delay {
+            "forever" => None,
+            d => match humantime::parse_duration(d) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::error!(value = %spec, error = %e, "Ignoring {VAR}: bad duration.");
+                    return production;
+                }
+            },
+        };
+        tracing::warn!(device, ?delay, "{VAR} is set: this device's decoder is slowed down on purpose (tests only).");
+        let device = device.to_string();
+        std::sync::Arc::new(move |dev: &DeviceConfig| -> Box<dyn Decode> {
+            let inner = production(dev);
+            if dev.name == device {
+                Box::new(Slow { inner, delay })
+            } else {
+                inner
+            }
+        })
+    }
+
+    struct Slow {
+        inner: Box<dyn Decode>,
+        /// `None`: never returns.
+        delay: Option<Duration>,
+    }
+
+    impl Decode for Slow {
+        fn decode(&mut self, frame: &[u8], out: &mut BytesMut) -> Result<Decoded, Reject> {
+            match self.delay {
+                // Decoders run on their own thread (device/worker.rs), never on a tokio worker.
+                #[allow(clippy::disallowed_methods)]
+                Some(d) => std::thread::sleep(d),
+                None => loop {
+                    std::thread::park();
+                },
+            }
+            self.inner.decode(frame, out)
+        }
+    }
 }

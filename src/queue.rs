@@ -61,6 +61,8 @@ pub struct Control {
     pub topic: String,
     pub payload: Bytes,
     pub retain: bool,
+    /// MQTT 5: the Correlation Data of the request this message answers.
+    pub correlation: Option<Bytes>,
 }
 
 /// Control messages waiting at most; state-like ones replace each other by topic, so only
@@ -681,7 +683,7 @@ mod tests {
         q.push(1, payload(1, 0));
         q.push(0, payload(0, 0));
         q.push(1, payload(1, 1));
-        let c = Control { topic: "t".into(), payload: Bytes::from_static(b"a"), retain: true };
+        let c = Control { topic: "t".into(), payload: Bytes::from_static(b"a"), retain: true, correlation: None };
         q.push_control(c.clone());
         q.push_control(Control { topic: "u".into(), ..c.clone() });
         q.push_control(Control { payload: Bytes::from_static(b"b"), ..c.clone() });
@@ -890,7 +892,8 @@ mod tests {
     #[test]
     fn a_control_message_is_poisoned_by_topic() {
         let q = ReadingQueue::new(1, 10, 1 << 20, None, 10);
-        let big = Control { topic: "gw/metrics".into(), payload: vec![b'm'; 900].into(), retain: false };
+        let big =
+            Control { topic: "gw/metrics".into(), payload: vec![b'm'; 900].into(), retain: false, correlation: None };
         q.push_control(big.clone());
         assert_eq!(connection(&q, &[], 3), None);
         // Delivered once: its strikes are gone.

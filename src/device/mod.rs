@@ -135,7 +135,7 @@ impl DeviceRuntime {
     /// The retained state message for `status`.
     fn state_message(&self, status: &Status) -> Control {
         let payload = serde_json::to_vec(status).expect("status serialises");
-        Control { topic: self.state_topic.clone(), payload: Bytes::from(payload), retain: true }
+        Control { topic: self.state_topic.clone(), payload: Bytes::from(payload), retain: true, correlation: None }
     }
 }
 

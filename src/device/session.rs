@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::worker::{panic_message, Chunk, Worker};
-use super::{SerialPort, State, SupervisorContext};
+use super::{DeviceRuntime, SerialPort, State, SupervisorContext};
 use crate::liveness;
 use crate::telemetry::now_us;
 
@@ -22,6 +22,14 @@ const READ_CHUNK: usize = 4096;
 /// Chunks waiting for the decode thread. Small on purpose: a slow decoder slows its own
 /// port's reads (the kernel buffers, then the sensor waits), it never grows memory.
 const CHUNKS_IN_FLIGHT: usize = 8;
+/// At shutdown, what the port still holds is read until it has nothing for this long...
+const LEFTOVER_QUIET: Duration = Duration::from_millis(10);
+/// ...or for this long in all, or this many bytes: a sensor that keeps talking cannot hold
+/// the shutdown up. A pseudo-terminal holds 18 KiB, a UART's tty buffers a few tens of KiB.
+const LEFTOVER_TIME: Duration = Duration::from_millis(250);
+const LEFTOVER_MAX: usize = 64 * 1024;
+/// Waiting this long for the decode thread at shutdown, the session says so (once).
+const DECODER_LATE: Duration = Duration::from_millis(500);
 
 /// Why a session ended. Every variant but `Cancelled` leads to a restart.
 #[derive(Debug, thiserror::Error)]
@@ -56,13 +64,19 @@ pub async fn run(
         dev: Arc::clone(dev),
         queue: Arc::clone(&ctx.queue),
         decoders: Arc::clone(&ctx.decoders),
-        started: ctx.started,
         panicked: Some(panic_tx),
     };
+    // Dropped when the thread ends, however it ends: lets the session wait for it without
+    // holding a blocking-pool thread (the runtime's drop would wait for that one forever if
+    // the decoder hangs).
+    let (ended_tx, mut ended) = oneshot::channel::<()>();
     // A dedicated thread rather than spawn_blocking: it lives as long as the session, keeps
     // the device's frames in order, and cannot starve the blocking pool others rely on.
-    let handle = match std::thread::Builder::new().name(format!("decode-{}", dev.name())).spawn(move || worker.run(rx))
-    {
+    let thread = std::thread::Builder::new().name(format!("decode-{}", dev.name())).spawn(move || {
+        let _ended = ended_tx;
+        worker.run(rx);
+    });
+    let handle = match thread {
         Ok(h) => h,
         Err(e) => return SessionEnd::Io(e),
     };
@@ -103,9 +117,21 @@ pub async fn run(
             }
         }
     };
+    if matches!(end, SessionEnd::Cancelled) {
+        read_leftover(&mut port, &mut buf, &tx, dev).await;
+    }
     drop(port);
     drop(tx);
     // The thread drains what it was given, then ends; its panic (outside a frame) shows here.
+    if tokio::time::timeout(DECODER_LATE, &mut ended).await.is_err() {
+        tracing::warn!(
+            device = dev.name(),
+            waited_ms = DECODER_LATE.as_millis() as u64,
+            "Decode thread still busy with this session's bytes (a decoder stuck on a frame?); waiting."
+        );
+        let _ = ended.await;
+    }
+    // It has ended (or is ending): the join cannot block for long.
     let joined = tokio::task::spawn_blocking(move || handle.join()).await;
     if matches!(end, SessionEnd::Cancelled) {
         return end;
@@ -121,4 +147,36 @@ pub async fn run(
         }
     }
     end
+}
+
+/// At shutdown: what the port already holds — bytes the sensor sent before the signal, still
+/// in the kernel's buffer — is read and handed to the decode thread, so it is decoded and
+/// delivered like everything read before. Reads until the port is quiet for
+/// [`LEFTOVER_QUIET`] (a port's readiness reaches the task within one reactor turn, so bytes
+/// already buffered are never missed), at most [`LEFTOVER_MAX`] bytes, and waits at most
+/// [`LEFTOVER_TIME`] on the port in all (time spent handing bytes to a slow decoder does not
+/// count: the shutdown deadline bounds that).
+async fn read_leftover(port: &mut SerialPort, buf: &mut BytesMut, tx: &mpsc::Sender<Chunk>, dev: &DeviceRuntime) {
+    let mut budget = LEFTOVER_TIME;
+    let mut total = 0;
+    while total < LEFTOVER_MAX && !budget.is_zero() {
+        buf.reserve(READ_CHUNK.min(LEFTOVER_MAX - total));
+        let began = Instant::now();
+        let read = tokio::time::timeout(LEFTOVER_QUIET.min(budget), port.read_buf(buf)).await;
+        budget = budget.saturating_sub(began.elapsed());
+        match read {
+            Ok(Ok(n)) if n > 0 => {
+                total += n;
+                dev.counters.bytes_in.fetch_add(n as u64, Relaxed);
+                if tx.send((buf.split().freeze(), now_us())).await.is_err() {
+                    break;
+                }
+            }
+            // Quiet, EOF or an error: nothing more to take.
+            _ => break,
+        }
+    }
+    if total > 0 {
+        tracing::debug!(device = dev.name(), bytes = total, "Read what the port held at shutdown.");
+    }
 }

@@ -24,7 +24,6 @@ pub struct SupervisorContext {
     pub queue: Arc<ReadingQueue>,
     pub opener: Arc<dyn PortOpener>,
     pub decoders: DecoderFactory,
-    pub started: Instant,
     pub restart_min: Duration,
     pub restart_max: Duration,
     pub jitter: bool,

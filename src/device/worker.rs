@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 
 use super::{DecoderFactory, DeviceRuntime};
 use crate::framing::Framer;
@@ -24,7 +23,6 @@ pub(crate) struct Worker {
     pub dev: Arc<DeviceRuntime>,
     pub queue: Arc<ReadingQueue>,
     pub decoders: DecoderFactory,
-    pub started: Instant,
     /// Fired once, at the first decoder panic: the session then ends and is restarted.
     pub panicked: Option<oneshot::Sender<String>>,
 }
@@ -81,15 +79,17 @@ impl Worker {
                 counters.last_reading_us.store(received_at_us, Relaxed);
                 let outcome = self.queue.push(dev.index, payload);
                 if outcome.evicted > 0 {
-                    telemetry::readings_dropped(name, counters, outcome.evicted, self.started);
+                    telemetry::readings_dropped(name, counters, outcome.evicted);
                 }
             });
+            telemetry::flush_due(name, counters);
         }
         // The session is over; a frame begun on this port will never be finished.
         if framer.has_partial() {
             counters.frames_in.fetch_add(1, Relaxed);
             telemetry::frame_rejected(name, counters, Reject::Truncated);
         }
+        telemetry::flush_suppressed(name, counters);
     }
 }
 

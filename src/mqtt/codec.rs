@@ -556,16 +556,21 @@ mod tests {
 
             let mut expected = BytesMut::new();
             let qos5 = if pkid == 0 { v5q::QoS::AtMostOnce } else { v5q::QoS::AtLeastOnce };
-            let props = v5::PublishProperties { message_expiry_interval: Some(60), ..Default::default() };
+            let props = v5::PublishProperties {
+                message_expiry_interval: Some(60),
+                correlation_data: Some(Bytes::from_static(b"c-1")),
+                ..Default::default()
+            };
             let mut p = v5::Publish::new(t, qos5, payload.clone(), Some(props));
             p.pkid = pkid;
             p.retain = retain;
             v5::Packet::Publish(p).write(&mut expected, None).unwrap();
             let mut ours = BytesMut::new();
-            let meta = PublishMeta { pkid, retain, expiry_s: Some(60), correlation: None };
+            let meta = PublishMeta { pkid, retain, expiry_s: Some(60), correlation: Some(b"c-1") };
             put_publish(&mut ours, Version::V5, meta, &payload, PROTOCOL_MAX_PACKET, topic(t)).unwrap();
             assert_eq!(&ours[..], &expected[..], "v5 payload {payload_len}");
-            assert_eq!(publish_size(Version::V5, t.len(), payload_len, pkid != 0), ours.len());
+            // The correlation data property (6 bytes) is beyond what publish_size counts.
+            assert_eq!(publish_size(Version::V5, t.len(), payload_len, pkid != 0) + 6, ours.len());
         }
     }
 

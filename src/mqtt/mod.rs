@@ -303,7 +303,12 @@ impl MqttShared {
     /// The retained `online` / `offline` message.
     pub fn availability(&self, online: bool) -> Control {
         let payload = if online { "online" } else { "offline" };
-        Control { topic: self.topics.state.clone(), payload: Bytes::from_static(payload.as_bytes()), retain: true }
+        Control {
+            topic: self.topics.state.clone(),
+            payload: Bytes::from_static(payload.as_bytes()),
+            retain: true,
+            correlation: None,
+        }
     }
 }
 

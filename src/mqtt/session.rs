@@ -220,7 +220,8 @@ impl<'a> Session<'a> {
                     })
                 }
                 Outbound::Control(c) => {
-                    let meta = PublishMeta { pkid, retain: c.retain, expiry_s: None, correlation: None };
+                    let meta =
+                        PublishMeta { pkid, retain: c.retain, expiry_s: None, correlation: c.correlation.as_deref() };
                     codec::put_publish(&mut self.wbuf, self.version, meta, &c.payload, self.limit, |b| {
                         codec::put_str(b, &c.topic)
                     })

@@ -412,7 +412,7 @@ async fn a_topic_over_65535_bytes_is_refused_not_wrapped() {
     let _ = p.until(|p| matches!(p, v4::Packet::Subscribe(_))).await;
     for i in 0..5 {
         let topic = format!("sg/gw/cmd/{}{i}/response", "x".repeat(70_000));
-        h.queue.push_control(Control { topic, payload: Bytes::from_static(b"{}"), retain: false });
+        h.queue.push_control(Control { topic, payload: Bytes::from_static(b"{}"), retain: false, correlation: None });
     }
     for n in 0..4 {
         push(&h.queue, n);

@@ -137,6 +137,11 @@ impl Gateway {
 
     /// With extra command-line arguments (e.g. `--log-format json`).
     pub fn start_with_args(dir: &Path, config_toml: &str, args: &[&str]) -> Self {
+        Self::start_with_env(dir, config_toml, args, &[])
+    }
+
+    /// With extra environment variables too (e.g. the binary's test hooks).
+    pub fn start_with_env(dir: &Path, config_toml: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let config = dir.join("sensorgate.toml");
         std::fs::write(&config, config_toml).unwrap();
         let log = dir.join("gateway.log");
@@ -147,6 +152,7 @@ impl Gateway {
             .arg(&config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
