@@ -19,10 +19,10 @@ use serde_json::Value;
 /// mosquitto's limit, for every packet from every client.
 const BROKER_LIMIT: usize = 2048;
 
-fn config(port: u16, path: &Path, max_packet_size: &str) -> String {
+fn config(port: u16, path: &Path, mqtt: &str) -> String {
     format!(
         "[gateway]\nid = \"it\"\nmetrics_interval = \"200ms\"\nshutdown_timeout = \"5s\"\n\
-         [mqtt]\nport = {port}\nqos = 1\nmax_packet_size = \"{max_packet_size}\"\n\
+         [mqtt]\nport = {port}\nqos = 1\n{mqtt}\n\
          reconnect_min = \"100ms\"\nreconnect_max = \"300ms\"\n\
          [[device]]\nname = \"a\"\npath = \"{}\"\nframing = \"lines\"\nmax_frame = \"4KiB\"\n",
         path.display()
@@ -33,7 +33,7 @@ fn config(port: u16, path: &Path, max_packet_size: &str) -> String {
 /// 1..=20 are small. Returns the gateway, the subscriber and the numbers of the readings the
 /// subscriber received, once the metrics say `done` for device `a`.
 async fn one_large_reading_then_twenty_small(
-    max_packet_size: &str,
+    mqtt: &str,
     done: impl Fn(&Value) -> bool,
 ) -> (Gateway, PtyLink, Value, Vec<u64>, tempfile::TempDir) {
     let dir = common::tempdir();
@@ -41,7 +41,7 @@ async fn one_large_reading_then_twenty_small(
     let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
     let a = dir.path().join("a");
     let mut pa = PtyLink::create(&a).unwrap();
-    let gw = Gateway::start_with_args(dir.path(), &config(broker.port, &a, max_packet_size), &["--log-format", "json"]);
+    let gw = Gateway::start_with_args(dir.path(), &config(broker.port, &a, mqtt), &["--log-format", "json"]);
 
     let mut bytes = format!("{{\"n\":0,\"blob\":\"{}\"}}\n", "x".repeat(3000)).into_bytes();
     bytes.extend(json_lines(1..21));
@@ -63,8 +63,10 @@ async fn one_large_reading_then_twenty_small(
 /// were delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_over_max_packet_size_is_rejected_and_the_rest_flow() {
-    let (gw, pa, m, got, _dir) =
-        one_large_reading_then_twenty_small("2KiB", |d| d["delivered"] == 20 && d["rejected"]["total"] == 1).await;
+    let (gw, pa, m, got, _dir) = one_large_reading_then_twenty_small("max_packet_size = \"2KiB\"", |d| {
+        d["delivered"] == 20 && d["rejected"]["total"] == 1
+    })
+    .await;
     let dev = &m["devices"]["a"];
     assert_identities(dev);
     assert_eq!((n(dev, "frames_in"), n(dev, "readings")), (21, 20), "{dev}");
@@ -85,10 +87,11 @@ async fn a_reading_over_max_packet_size_is_rejected_and_the_rest_flow() {
 /// three connections closed on it, it is dropped as `poisoned` and the 20 small readings are
 /// delivered. Before, 0 of the 20 were delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-
 async fn a_reading_the_broker_refuses_is_poisoned_after_three_tries() {
-    let (_gw, pa, m, got, _dir) =
-        one_large_reading_then_twenty_small("64KiB", |d| d["delivered"] == 20 && d["poisoned"] == 1).await;
+    let (_gw, pa, m, got, _dir) = one_large_reading_then_twenty_small("max_packet_size = \"64KiB\"", |d| {
+        d["delivered"] == 20 && d["poisoned"] == 1
+    })
+    .await;
     let dev = &m["devices"]["a"];
     assert_identities(dev);
     assert_eq!((n(dev, "frames_in"), n(dev, "readings"), n(&dev["rejected"], "total")), (21, 21, 0), "{dev}");
@@ -99,4 +102,70 @@ async fn a_reading_the_broker_refuses_is_poisoned_after_three_tries() {
     unique.dedup();
     assert_eq!(unique, (1..=20).collect::<Vec<u64>>(), "the small readings, in order: {got:?}");
     drop(pa);
+}
+
+/// MQTT 5: the broker says its Maximum Packet Size in CONNACK, so the large reading is
+/// refused before it is sent (counted as poisoned) and the connection never drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_the_brokers_packet_limit_is_known_before_sending() {
+    let mqtt = "version = 5\nmax_packet_size = \"64KiB\"";
+    let (_gw, pa, m, got, _dir) =
+        one_large_reading_then_twenty_small(mqtt, |d| d["delivered"] == 20 && d["poisoned"] == 1).await;
+    let dev = &m["devices"]["a"];
+    assert_identities(dev);
+    assert_eq!((n(dev, "readings"), n(dev, "queued"), n(dev, "in_flight")), (21, 0, 0), "{dev}");
+    assert_eq!(n(&m["mqtt"], "reconnects"), 0, "nothing over the limit was sent: {m}");
+    assert_eq!(n(&m["mqtt"], "connection_errors"), 0, "{m}");
+    assert_eq!(got, (1..=20).collect::<Vec<u64>>(), "the small readings, in order, once each");
+    drop(pa);
+}
+
+/// MQTT 5: a reading on a topic the broker's ACL forbids gets a PUBACK with reason
+/// "not authorized": dropped, counted by reason, no reconnect; the other device flows.
+/// (MQTT 3.1.1 has no way to say so: mosquitto acks and discards such a publish.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_a_refused_publish_is_counted_by_reason_not_retried() {
+    let dir = common::tempdir();
+    let acl = dir.path().join("acl");
+    // Anonymous clients (the gateway and the test's subscriber) may use everything but the
+    // readings of device `secret`.
+    std::fs::write(
+        &acl,
+        "topic readwrite sensorgate/it/state\ntopic readwrite sensorgate/it/metrics\n\
+         topic readwrite sensorgate/it/devices/open/#\ntopic readwrite sensorgate/it/devices/secret/state\n",
+    )
+    .unwrap();
+    let broker = Mosquitto::start_custom(false, format!("acl_file {}\n", acl.display()));
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
+    let (open, secret) = (dir.path().join("open"), dir.path().join("secret"));
+    let (mut po, mut ps) = (PtyLink::create(&open).unwrap(), PtyLink::create(&secret).unwrap());
+    let text = format!(
+        "[gateway]\nid = \"it\"\nmetrics_interval = \"200ms\"\n[mqtt]\nport = {}\nqos = 1\nversion = 5\n\
+         [[device]]\nname = \"open\"\npath = \"{}\"\nframing = \"lines\"\n\
+         [[device]]\nname = \"secret\"\npath = \"{}\"\nframing = \"lines\"\n",
+        broker.port,
+        open.display(),
+        secret.display()
+    );
+    let _gw = Gateway::start(dir.path(), &text);
+    write_all(&mut ps.master, &json_lines(0..10)).await;
+    write_all(&mut po.master, &json_lines(0..10)).await;
+    let (m, skipped) = sub
+        .wait_for(Duration::from_secs(20), |m| {
+            m.topic == "sensorgate/it/metrics" && {
+                let v = m.json();
+                v["devices"]["open"]["delivered"] == 10 && v["devices"]["secret"]["poisoned"] == 10
+            }
+        })
+        .await;
+    let m = m.json();
+    for d in ["open", "secret"] {
+        assert_identities(&m["devices"][d]);
+    }
+    assert_eq!(n(&m["mqtt"]["puback_refused"], "not_authorized"), 10, "{m}");
+    assert_eq!(n(&m["mqtt"], "reconnects"), 0, "{m}");
+    let open_readings = skipped.iter().filter(|m| m.topic == "sensorgate/it/devices/open/readings").count();
+    assert_eq!(open_readings, 10);
+    assert!(skipped.iter().all(|m| !m.topic.starts_with("sensorgate/it/devices/secret/readings")));
+    drop((po, ps));
 }
