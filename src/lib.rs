@@ -22,7 +22,7 @@
 //! - [`framing`], [`decode`], [`reading`]: sans-IO frame splitting, decoding, payloads.
 //! - [`queue`]: the one bounded queue and the in-flight ledger.
 //! - [`device`]: supervisor, session and decode thread of one serial device.
-//! - [`mqtt`]: the connection task (the only MQTT client code).
+//! - [`mqtt`]: the connection task (the only MQTT client code): codec, connect, session.
 //! - [`telemetry`]: counters and log-and-count events; [`metrics`]: the metrics payload.
 //! - [`app`]: wiring and phased shutdown; [`simulate`]: the sensor simulator.
 
