@@ -199,6 +199,8 @@ pub struct MqttShared {
     /// Control messages (state, discovery, responses) that could not be encoded or were
     /// over the packet-size limit, dropped.
     pub controls_refused: AtomicU64,
+    /// PUBACKs for packet ids not in flight (unknown or duplicate), ignored.
+    pub stray_acks: AtomicU64,
     /// MQTT 5 PUBACKs with a failure reason code, by reason.
     puback_refusals: Mutex<BTreeMap<&'static str, u64>>,
     /// Readings topics by queue lane, built as lanes appear.
@@ -235,6 +237,7 @@ impl MqttShared {
             incoming_oversize: AtomicU64::new(0),
             subscriptions_refused: AtomicU64::new(0),
             controls_refused: AtomicU64::new(0),
+            stray_acks: AtomicU64::new(0),
             puback_refusals: Mutex::default(),
             reading_topics: Mutex::default(),
             reconnects: AtomicU64::new(0),

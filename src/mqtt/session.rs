@@ -344,7 +344,11 @@ impl<'a> Session<'a> {
             Incoming::PubAck { pkid, reason } => {
                 let slot = usize::from(pkid);
                 if !self.in_use.get(slot).copied().unwrap_or(false) {
-                    tracing::warn!(pkid, "PUBACK for a packet id not in flight; ignored.");
+                    // A broker bug; one line per doubling, so it cannot flood the journal.
+                    let n = self.shared.stray_acks.fetch_add(1, Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(pkid, stray_acks = n, "PUBACK for a packet id not in flight; ignored.");
+                    }
                     return Ok(());
                 }
                 self.release_pkid(pkid);

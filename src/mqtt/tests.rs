@@ -223,6 +223,7 @@ async fn packet_ids_wrap_in_the_window_and_stray_acks_are_ignored() {
     }
     let s = stats(&h.queue);
     assert_eq!((s.delivered, s.in_flight, s.queued), (7, 0, 0));
+    assert_eq!(h.shared.stray_acks.load(Relaxed), 2, "the unknown 200 and the duplicate 2");
     h.task.abort();
 }
 
