@@ -144,6 +144,7 @@ fn corpus(dir: &Path) -> Vec<Case> {
         case("gateway.id with '/'", cfg("", "").replace("id = \"gw\"", "id = \"green/house\""), "gateway.id", &["\"green/house\" cannot be used in MQTT topics"], FIX_TOPIC),
         // --- MQTT ---
         case("QoS 2", cfg("[mqtt]\nqos = 2\n", ""), "mqtt.qos", &["QoS 2 is not supported"], "use 1 (at least once, the default) or 0"),
+        case("MQTT 3.1", cfg("[mqtt]\nversion = 3\n", ""), "mqtt.version", &["version 3 is not supported"], "use 4 (MQTT 3.1.1, the default) or 5"),
         case("topic_prefix with '+'", cfg("[mqtt]\ntopic_prefix = \"site/+/gw\"\n", ""), "mqtt.topic_prefix", &["\"site/+/gw\" is not a usable topic prefix"], "without '+', '#'"),
         case("topic_prefix with '#'", cfg("[mqtt]\ntopic_prefix = \"site/#\"\n", ""), "mqtt.topic_prefix", &["\"site/#\" is not a usable topic prefix"], "without '+', '#'"),
         case("topic_prefix with an empty level", cfg("[mqtt]\ntopic_prefix = \"site//gw\"\n", ""), "mqtt.topic_prefix", &["is not a usable topic prefix"], "separated by single '/'"),

@@ -95,7 +95,9 @@ impl ConnectionError {
     /// may be what it objects to.
     fn broker_hung_up(&self) -> bool {
         match self {
-            ConnectionError::Closed | ConnectionError::ClosedWithReason(_) => true,
+            ConnectionError::Closed => true,
+            // MQTT 5 names a takeover: another client with our id, not something we sent.
+            ConnectionError::ClosedWithReason(reason) => reason != "SessionTakenOver",
             ConnectionError::Io(e) => {
                 matches!(
                     e.kind(),
