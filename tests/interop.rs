@@ -64,11 +64,16 @@ const BEFORE: u64 = 100;
 const DURING: u64 = 50;
 const AFTER: u64 = 50;
 
+/// The gateway's configuration for `broker` (its listener for `version`).
 fn config(broker: &dyn Broker, qos: u8, version: Version, pty: &std::path::Path, extra: &str) -> String {
     let (version_line, port) = match version {
         Version::V311 => ("", broker.port_for(3)),
         Version::V5 => ("version = 5\n", broker.port_for(5)),
     };
+    config_for_port(port, qos, version_line, pty, extra)
+}
+
+fn config_for_port(port: u16, qos: u8, version_line: &str, pty: &std::path::Path, extra: &str) -> String {
     format!(
         "[gateway]\nid = \"it\"\nmetrics_interval = \"200ms\"\nshutdown_timeout = \"3s\"\n\
          [mqtt]\nport = {port}\nqos = {qos}\n{version_line}reconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n\
@@ -213,8 +218,8 @@ async fn amqtt_retained_messages_right_after_the_connack_are_read_in_order() {
     let dir = common::tempdir();
     let path = dir.path().join("sensor");
     let mut pty = PtyLink::create(&path).unwrap();
-    let relay = BatchingRelay { port: relay_to(port, Duration::from_millis(300)).await };
-    let text = config(&relay, 1, Version::V311, &path, "[homeassistant]\nenabled = true\n");
+    let relay = relay_to(port, Duration::from_millis(300)).await;
+    let text = config_for_port(relay, 1, "", &path, "[homeassistant]\nenabled = true\n");
 
     // The first run leaves its retained messages at the broker.
     let mut first = Gateway::start(dir.path(), &text);
@@ -233,23 +238,6 @@ async fn amqtt_retained_messages_right_after_the_connack_are_read_in_order() {
     assert_settled(&m, 100);
     let mqtt = &m["mqtt"];
     assert_eq!((n(mqtt, "reconnects"), n(mqtt, "connection_errors")), (0, 0), "{mqtt}\n{}", gw.log_text());
-}
-
-/// Where the gateway connects in the test above: the relay, not the broker.
-struct BatchingRelay {
-    port: u16,
-}
-
-impl Broker for BatchingRelay {
-    fn port(&self) -> u16 {
-        self.port
-    }
-    fn kill(&mut self) {
-        unimplemented!("the relay stays up")
-    }
-    fn restart(&mut self) {
-        unimplemented!("the relay stays up")
-    }
 }
 
 /// A TCP relay on 127.0.0.1 to `upstream` that collects what the broker sends during the
