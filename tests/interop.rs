@@ -59,6 +59,9 @@ fn rumqttd_broker() {
 }
 
 const DEVICE: &str = "s";
+/// What the gateway logs when it notices the broker is gone (src/mqtt.rs): the one sign of it
+/// a test can see while no broker runs.
+const LOST_CONNECTION_LOG: &str = "Lost the MQTT connection";
 /// Readings before the outage, while the broker is away, and after it is back.
 const BEFORE: u64 = 100;
 const DURING: u64 = 50;
@@ -144,7 +147,7 @@ async fn delivers_in_order_once_and_survives_a_broker_restart(kind: BrokerKind, 
     // 2. The broker dies. Once the gateway has noticed, readings go on arriving from the
     // sensor and wait in the queue (at QoS 0 too: nothing is written to a dead socket).
     broker.kill();
-    wait_for_log(&gw, "Lost the MQTT connection").await;
+    wait_for_log(&gw, LOST_CONNECTION_LOG).await;
     write_all(&mut pty.master, &json_lines(BEFORE..BEFORE + DURING)).await;
 
     // 3. The broker is back on the same port with nothing in memory. The gateway is paused
