@@ -536,7 +536,9 @@ impl BrokerKind {
             }
             BrokerKind::Rumqttd => Launch::Rumqttd,
         };
-        let (port, port5) = (free_port(), free_port());
+        // Both listeners held at once, so the two ports differ.
+        let pair = [TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap()];
+        let [port, port5] = pair.map(|l| l.local_addr().unwrap().port());
         let mut b = BrokerProcess { launch, child: None, port, port5, dir: tempfile::tempdir().unwrap() };
         b.restart();
         Ok(Box::new(b))
