@@ -2,7 +2,8 @@
 # README's test command. The end-to-end tests start a real mosquitto on 127.0.0.1; if it is
 # missing and we may install packages, install it first. The interoperability tests
 # (tests/interop.rs) also need amqtt (PyPI) and aedes (npm): installed below into
-# $SG_INTEROP_DIR (default target/interop), once; later runs only check they are there.
+# $SG_INTEROP_DIR (default ~/.cache/sensorgate/interop, outside the checkout so that a fresh
+# clone, as in CI, does not install them again), once; later runs only check the versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,7 @@ fi
 # Versions the interop tests were written against; bump on purpose.
 AMQTT_VERSION=0.12.1
 AEDES_VERSION=1.2.0
-export SG_INTEROP_DIR="${SG_INTEROP_DIR:-$PWD/target/interop}"
+export SG_INTEROP_DIR="${SG_INTEROP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorgate/interop}"
 mkdir -p "$SG_INTEROP_DIR"
 
 venv="$SG_INTEROP_DIR/amqtt-venv"

@@ -465,8 +465,9 @@ pub async fn write_concurrently(
 // ---- Brokers we did not write (tests/interop.rs) -------------------------------------------
 //
 // scripts/test.sh installs them: amqtt (PyPI) into a venv and aedes (npm) into a directory,
-// both under `$SG_INTEROP_DIR` (default `target/interop`); rumqttd (crates.io) is a
-// dev-dependency that the test binary itself runs in a child process (see `Rumqttd`).
+// both under `$SG_INTEROP_DIR` (default `~/.cache/sensorgate/interop`); rumqttd (crates.io)
+// is a dev-dependency that the test binary itself runs in a child process
+// (`run_rumqttd_if_asked`).
 
 /// An MQTT broker the gateway can lose and find again on the same port.
 pub trait Broker: Send {
@@ -508,10 +509,13 @@ pub enum BrokerKind {
     Rumqttd,
 }
 
-/// Where scripts/test.sh installed amqtt and aedes.
+/// Where scripts/test.sh installed amqtt and aedes (the same default as there).
 pub fn interop_dir() -> PathBuf {
-    std::env::var_os("SG_INTEROP_DIR")
-        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/interop"), PathBuf::from)
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("SG_INTEROP_DIR").unwrap_or_else(|| {
+        let cache = var("XDG_CACHE_HOME").unwrap_or_else(|| var("HOME").unwrap_or_default().join(".cache"));
+        cache.join("sensorgate/interop")
+    })
 }
 
 impl BrokerKind {
