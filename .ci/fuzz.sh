@@ -3,7 +3,11 @@
 # starting from a throwaway copy of its committed corpus (fuzz/corpus/<target>), so CI never
 # grows the committed corpus. Fails on the first crash, leak, OOM or timeout; the input that
 # triggered it is kept in fuzz/artifacts/<target>/ and the end of libFuzzer's log is printed.
-# Needs the nightly toolchain (cargo-fuzz uses -Zsanitizer=address).
+# Needs a nightly toolchain (cargo-fuzz uses -Zsanitizer=address): a pinned one, so a new
+# nightly cannot break CI or change what the sanitizer finds between two runs. rustup serves
+# dated nightlies here up to about 2026-10 (nightly-2026-11-01 has no release); 2026-05-20 is the
+# build this machine had as plain `nightly`, which CI used until the pin.
+# Bump on purpose: check `cargo +NEW fuzz build` and a fuzz run first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -11,19 +15,20 @@ export CARGO_TERM_COLOR=never
 seconds=${FUZZ_SECONDS:-30}
 began=$SECONDS
 
-if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-    rustup toolchain install nightly --profile minimal
+nightly=nightly-2026-05-20
+if ! rustup run "$nightly" rustc --version >/dev/null 2>&1; then
+    rustup toolchain install "$nightly" --profile minimal
 fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    cargo +nightly install cargo-fuzz --locked
+if ! cargo "+$nightly" fuzz --version >/dev/null 2>&1; then
+    cargo "+$nightly" install cargo-fuzz --locked
 fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # One build for all targets (each run below then only checks it is fresh).
-cargo +nightly fuzz build
-mapfile -t targets < <(cargo +nightly fuzz list)
+cargo "+$nightly" fuzz build
+mapfile -t targets < <(cargo "+$nightly" fuzz list)
 [ "${#targets[@]}" -gt 0 ] || { echo "fuzz.sh: no fuzz targets found" >&2; exit 1; }
 
 summary=()
@@ -38,11 +43,11 @@ for t in "${targets[@]}"; do
     log="$work/$t.log"
     echo "== $t: ${seconds}s from $(find "$corpus" -type f | wc -l) seed(s)"
     t0=$SECONDS
-    if ! cargo +nightly fuzz run "$t" "$corpus" -- \
+    if ! cargo "+$nightly" fuzz run "$t" "$corpus" -- \
         -max_total_time="$seconds" -rss_limit_mb=512 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         echo "fuzz.sh: $t FAILED; last lines of its log:" >&2
         tail -n 60 "$log" >&2
-        echo "fuzz.sh: reproduce with: cargo +nightly fuzz run $t fuzz/artifacts/$t/<crash file>" >&2
+        echo "fuzz.sh: reproduce with: cargo +$nightly fuzz run $t fuzz/artifacts/$t/<crash file>" >&2
         exit 1
     fi
     execs=$(sed -n 's/^stat::number_of_executed_units: *\([0-9]*\).*/\1/p' "$log" | tail -n 1)

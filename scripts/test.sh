@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # README's test command. The end-to-end tests start a real mosquitto on 127.0.0.1; if it is
-# missing and we may install packages, install it first.
+# missing and we may install packages, install it first. The interoperability tests
+# (tests/interop.rs) also need amqtt (PyPI) and aedes (npm): installed below into
+# $SG_INTEROP_DIR (default ~/.cache/sensorgate/interop, outside the checkout so that a fresh
+# clone, as in CI, does not install them again), once; later runs only check the versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +18,28 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
         echo "mosquitto not found and cannot be installed here; install it (e.g. apt-get install mosquitto) and retry" >&2
         exit 1
     fi
+fi
+
+# Versions the interop tests were written against; bump on purpose.
+AMQTT_VERSION=0.12.1
+AEDES_VERSION=1.2.0
+export SG_INTEROP_DIR="${SG_INTEROP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorgate/interop}"
+mkdir -p "$SG_INTEROP_DIR"
+
+venv="$SG_INTEROP_DIR/amqtt-venv"
+if [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("amqtt"))' 2>/dev/null)" != "$AMQTT_VERSION" ]; then
+    echo "installing amqtt $AMQTT_VERSION (PyPI) into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "amqtt==$AMQTT_VERSION"
+fi
+
+aedes="$SG_INTEROP_DIR/aedes"
+if [ "$(node -p "require('$aedes/node_modules/aedes/package.json').version" 2>/dev/null)" != "$AEDES_VERSION" ]; then
+    command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js and npm (apt-get install nodejs npm) and retry" >&2; exit 1; }
+    echo "installing aedes $AEDES_VERSION (npm) into $aedes" >&2
+    mkdir -p "$aedes"
+    npm install --prefix "$aedes" --no-save --no-audit --no-fund --loglevel=error "aedes@$AEDES_VERSION" >/dev/null
 fi
 
 exec cargo test --workspace "$@"

@@ -473,3 +473,253 @@ pub async fn write_concurrently(
     }
     out
 }
+
+// ---- Brokers we did not write (tests/interop.rs) -------------------------------------------
+//
+// scripts/test.sh installs them: amqtt (PyPI) into a venv and aedes (npm) into a directory,
+// both under `$SG_INTEROP_DIR` (default `~/.cache/sensorgate/interop`); rumqttd (crates.io)
+// is a dev-dependency that the test binary itself runs in a child process
+// (`run_rumqttd_if_asked`).
+
+/// An MQTT broker the gateway can lose and find again on the same port.
+pub trait Broker: Send {
+    /// Where MQTT 3.1.1 clients (the test's subscriber) connect.
+    fn port(&self) -> u16;
+    /// Where the gateway connects with MQTT `version` (3 for 3.1.1, or 5). rumqttd serves the
+    /// two on separate listeners; the others on one.
+    fn port_for(&self, version: u8) -> u16 {
+        let _ = version;
+        self.port()
+    }
+    /// SIGKILL: the broker vanishes with everything it held in memory.
+    fn kill(&mut self);
+    /// Starts again on the same port (killing it first if it runs).
+    fn restart(&mut self);
+}
+
+impl Broker for Mosquitto {
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn kill(&mut self) {
+        self.stop();
+    }
+    fn restart(&mut self) {
+        Mosquitto::restart(self);
+    }
+}
+
+/// The broker implementations the interoperability tests run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Mosquitto,
+    /// amqtt 0.12 (Python, asyncio): MQTT 3.1.1 only.
+    Amqtt,
+    /// aedes 1.2 (Node.js): MQTT 3.1.1 only.
+    Aedes,
+    /// rumqttd 0.20 (Rust), run by the test binary in a child process.
+    Rumqttd,
+}
+
+/// Where scripts/test.sh installed amqtt and aedes (the same default as there).
+pub fn interop_dir() -> PathBuf {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("SG_INTEROP_DIR").unwrap_or_else(|| {
+        let cache = var("XDG_CACHE_HOME").unwrap_or_else(|| var("HOME").unwrap_or_default().join(".cache"));
+        cache.join("sensorgate/interop")
+    })
+}
+
+impl BrokerKind {
+    /// Starts this broker on 127.0.0.1 and a free port. `Err` says what is missing and how to
+    /// install it; see [`start_or_skip`](Self::start_or_skip).
+    pub fn start(self) -> Result<Box<dyn Broker>, String> {
+        let launch = match self {
+            BrokerKind::Mosquitto => return Ok(Box::new(Mosquitto::start())),
+            BrokerKind::Amqtt => {
+                let bin = interop_dir().join("amqtt-venv/bin/amqtt");
+                if !bin.exists() {
+                    return Err(format!("amqtt is not installed at {}", bin.display()));
+                }
+                Launch::Amqtt(bin)
+            }
+            BrokerKind::Aedes => {
+                let dir = interop_dir().join("aedes");
+                if !dir.join("node_modules/aedes/package.json").exists() {
+                    return Err(format!("aedes is not installed under {}", dir.display()));
+                }
+                Launch::Aedes(dir)
+            }
+            BrokerKind::Rumqttd => Launch::Rumqttd,
+        };
+        // Both listeners held at once, so the two ports differ.
+        let pair = [TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap()];
+        let [port, port5] = pair.map(|l| l.local_addr().unwrap().port());
+        let mut b = BrokerProcess { launch, child: None, port, port5, dir: tempfile::tempdir().unwrap() };
+        b.restart();
+        Ok(Box::new(b))
+    }
+
+    /// Starts the broker, or — outside CI only — says why not and returns `None` so the caller
+    /// can return early. In CI (`CI=true`) a missing broker fails the test: nothing is skipped
+    /// silently there.
+    pub fn start_or_skip(self) -> Option<Box<dyn Broker>> {
+        match self.start() {
+            Ok(b) => Some(b),
+            Err(why) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("{self:?}: {why}; .ci/run installs it through ./scripts/test.sh")
+            }
+            Err(why) => {
+                eprintln!("SKIPPED ({self:?}): {why}; run ./scripts/test.sh once to install it");
+                None
+            }
+        }
+    }
+}
+
+enum Launch {
+    Amqtt(PathBuf),
+    Aedes(PathBuf),
+    Rumqttd,
+}
+
+/// A broker in a child process on a fixed port, killed on drop.
+struct BrokerProcess {
+    launch: Launch,
+    child: Option<Child>,
+    port: u16,
+    /// rumqttd's MQTT 5 listener.
+    port5: u16,
+    dir: tempfile::TempDir,
+}
+
+impl BrokerProcess {
+    fn command(&self) -> Command {
+        match &self.launch {
+            Launch::Amqtt(bin) => {
+                // No persistence plugin (retained messages and sessions live in memory, as in
+                // the other brokers here) and no $SYS publisher.
+                let conf = self.dir.path().join("amqtt.yaml");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{}\n\
+                         plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n",
+                        self.port
+                    ),
+                )
+                .unwrap();
+                let mut c = Command::new(bin);
+                c.arg("-c").arg(conf);
+                c
+            }
+            Launch::Aedes(dir) => {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/brokers/aedes.mjs");
+                let mut c = Command::new("node");
+                c.arg(script).arg(self.port.to_string()).arg(dir);
+                c
+            }
+            Launch::Rumqttd => {
+                let mut c = Command::new(std::env::current_exe().unwrap());
+                c.args(["--exact", RUMQTTD_TEST, "--ignored", "--nocapture", "--test-threads=1"])
+                    .env(RUMQTTD_PORT_ENV, format!("{},{}", self.port, self.port5));
+                c
+            }
+        }
+    }
+}
+
+impl Broker for BrokerProcess {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn port_for(&self, version: u8) -> u16 {
+        match (&self.launch, version) {
+            (Launch::Rumqttd, 5) => self.port5,
+            _ => self.port,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        let log_path = self.dir.path().join("broker.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let mut child = self
+            .command()
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the broker");
+        // Python and Node take a moment to start; a broker that dies at once says why.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "broker exited ({status}) before listening; its log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "broker did not start listening on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- broker log ----\n{}",
+                std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The name of the (ignored) test through which a test binary runs rumqttd in a child process;
+/// a test binary that starts [`BrokerKind::Rumqttd`] defines it as
+/// `#[test] #[ignore] fn rumqttd_broker() { common::run_rumqttd_if_asked() }`.
+pub const RUMQTTD_TEST: &str = "rumqttd_broker";
+const RUMQTTD_PORT_ENV: &str = "SG_RUMQTTD_PORT";
+
+/// Runs rumqttd (`$SG_RUMQTTD_PORT` = `<MQTT 3.1.1 port>,<MQTT 5 port>` on 127.0.0.1) until
+/// killed, when started by [`BrokerKind::Rumqttd`]; returns at once otherwise.
+/// A separate process, because rumqttd cannot be stopped in-process and the tests kill it.
+pub fn run_rumqttd_if_asked() {
+    let Some((port, port5)) = std::env::var(RUMQTTD_PORT_ENV).ok().and_then(|p| {
+        let (a, b) = p.split_once(',')?;
+        Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?))
+    }) else {
+        return;
+    };
+    // rumqttd's own configuration format (its rumqttd.toml); `dynamic_filters` lets a client
+    // publish to a topic before anyone has subscribed to it.
+    let listener = |name: &str, port: u16| {
+        format!(
+            "[{name}.1]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nnext_connection_delay_ms = 1\n\
+             [{name}.1.connections]\nconnection_timeout_ms = 5000\nmax_payload_size = 262144\n\
+             max_inflight_count = 200\ndynamic_filters = true\n"
+        )
+    };
+    let text = format!(
+        "id = 0\n[router]\nmax_connections = 64\nmax_outgoing_packet_count = 1000\n\
+         max_segment_size = 16777216\nmax_segment_count = 4\n{}{}",
+        listener("v4", port),
+        listener("v5", port5)
+    );
+    let config: rumqttd::Config = toml::from_str(&text).expect("rumqttd config");
+    let result = rumqttd::Broker::new(config).start();
+    panic!("rumqttd stopped: {result:?}");
+}
