@@ -41,13 +41,9 @@ cases! {
     rumqttd_qos1_v311: Rumqttd, qos 1, V311;
     rumqttd_qos0_v311: Rumqttd, qos 0, V311;
     // MQTT 5: mosquitto 2 and rumqttd 0.20 (partly) speak it; aedes 1.2 and amqtt 0.12 do not.
-    #[ignore = "needs mqtt.version = 5 (lead)"]
     mosquitto_qos1_v5: Mosquitto, qos 1, V5;
-    #[ignore = "needs mqtt.version = 5 (lead)"]
     mosquitto_qos0_v5: Mosquitto, qos 0, V5;
-    #[ignore = "needs mqtt.version = 5 (lead)"]
     rumqttd_qos1_v5: Rumqttd, qos 1, V5;
-    #[ignore = "needs mqtt.version = 5 (lead)"]
     rumqttd_qos0_v5: Rumqttd, qos 0, V5;
 }
 
@@ -59,7 +55,7 @@ fn rumqttd_broker() {
 }
 
 const DEVICE: &str = "s";
-/// What the gateway logs when it notices the broker is gone (src/mqtt.rs): the one sign of it
+/// What the gateway logs when it notices the broker is gone (src/mqtt/mod.rs): the one sign of it
 /// a test can see while no broker runs.
 const LOST_CONNECTION_LOG: &str = "Lost the MQTT connection";
 /// Readings before the outage, while the broker is away, and after it is back.
@@ -210,7 +206,6 @@ async fn wait_for_log(gw: &Gateway, text: &str) {
 /// one run in four failed without the relay); the relay makes it certain, as a loaded machine
 /// or a slow link does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until CONNACK leftover fix (lead)"]
 async fn amqtt_retained_messages_right_after_the_connack_are_read_in_order() {
     let Some(broker) = BrokerKind::Amqtt.start_or_skip() else { return };
     let port = broker.port();
