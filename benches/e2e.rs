@@ -12,7 +12,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{cpu_seconds, memory_mib, Gateway, Mosquitto, Subscriber};
-use sensorgate::config::{Format, Framing};
+use sensorgate::decode::Format;
+use sensorgate::framing::Framing;
 use sensorgate::simulate::{PtyLink, SimSpec};
 use tokio::io::AsyncWriteExt;
 

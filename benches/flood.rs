@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{cpu_seconds, memory_mib, write_all, Gateway, Mosquitto, Rng, Subscriber};
-use sensorgate::config::{Format, Framing};
+use sensorgate::decode::Format;
+use sensorgate::framing::Framing;
 use sensorgate::simulate::{PtyLink, SimSpec};
 use serde_json::Value;
 

@@ -3,9 +3,11 @@
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use sensorgate::config::{Config, DeviceConfig, Format, Framing};
+use sensorgate::config::{Config, DeviceConfig};
 use sensorgate::decode;
+use sensorgate::decode::Format;
 use sensorgate::framing::Framer;
+use sensorgate::framing::Framing;
 use sensorgate::queue::ReadingQueue;
 use sensorgate::reading::PayloadBuilder;
 use sensorgate::simulate::SimSpec;
@@ -43,7 +45,7 @@ fn pipeline(c: &mut Criterion) {
         // As the session delivers them: chunks of up to 4 KiB.
         let chunks: Vec<&[u8]> = bytes.chunks(4096).collect();
         g.bench_function(format!("framing_only/{name}"), |b| {
-            let mut framer = Framer::for_device(&dev);
+            let mut framer = Framer::new(dev.framing, dev.max_frame());
             b.iter(|| {
                 let mut frames = 0;
                 for ch in &chunks {
@@ -53,9 +55,9 @@ fn pipeline(c: &mut Criterion) {
             })
         });
         g.bench_function(format!("framing+decoding+payload/{name}"), |b| {
-            let mut framer = Framer::for_device(&dev);
-            let mut decoder = decode::for_device(&dev);
-            let mut builder = PayloadBuilder::new(&dev);
+            let mut framer = Framer::new(dev.framing, dev.max_frame());
+            let mut decoder = decode::for_format(dev.format(), &dev.channels);
+            let mut builder = PayloadBuilder::new(&dev.name, &dev.channels);
             let mut seq = 0;
             b.iter(|| {
                 let mut ok = 0;

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS};
-use sensorgate::config::{Config, Format, Framing};
+use sensorgate::config::Config;
+use sensorgate::decode::Format;
+use sensorgate::framing::Framing;
 use sensorgate::simulate::{self, PtyLink, SimSpec};
 use tokio::task::JoinHandle;
 

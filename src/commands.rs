@@ -21,47 +21,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::command::Command;
 use crate::device::Registry;
 use crate::homeassistant::SharedDiscovery;
 use crate::mqtt::Message;
 use crate::queue::{Control, ReadingQueue};
 use crate::topics::Topics;
-
-/// A command the gateway knows. The names are topic segments and `[commands] allow` entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Command {
-    /// Close and reopen a device's port now (at most once per [`RESTART_INTERVAL`] per device).
-    RestartDevice,
-    /// Publish a metrics message now.
-    Metrics,
-    /// The configuration in force, secrets redacted.
-    Config,
-    /// The commands allowed here.
-    Help,
-}
-
-impl Command {
-    pub const ALL: [Self; 4] = [Self::RestartDevice, Self::Metrics, Self::Config, Self::Help];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::RestartDevice => "restart_device",
-            Self::Metrics => "metrics",
-            Self::Config => "config",
-            Self::Help => "help",
-        }
-    }
-
-    /// The command named `name`, if there is one.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| c.as_str() == name)
-    }
-
-    /// Every name, comma-separated, for messages.
-    pub fn names() -> String {
-        Self::ALL.map(Self::as_str).join(", ")
-    }
-}
 
 /// Request bodies longer than this are refused unparsed: every command's body is a few dozen
 /// bytes, and the incoming limit (256 KiB) is far more than we want to parse and log.

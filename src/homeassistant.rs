@@ -6,7 +6,8 @@
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use crate::config::{Config, DeviceConfig, EntityConfig, Format};
+use crate::config::{Config, DeviceConfig, EntityConfig};
+use crate::decode::Format;
 use crate::queue::Control;
 use crate::topics::Topics;
 

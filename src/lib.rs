@@ -28,6 +28,7 @@
 
 pub mod app;
 pub mod backoff;
+pub mod command;
 pub mod commands;
 pub mod config;
 pub mod decode;
@@ -37,6 +38,7 @@ pub mod homeassistant;
 pub mod liveness;
 pub mod metrics;
 pub mod mqtt;
+pub mod payload;
 pub mod queue;
 pub mod reading;
 pub mod reject;

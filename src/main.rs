@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use sensorgate::config::{Config, ConfigError, Format, Framing};
+use sensorgate::config::{Config, ConfigError};
+use sensorgate::decode::Format;
+use sensorgate::framing::Framing;
 use sensorgate::simulate::{self, PtyLink, SimSpec};
 
 /// Exit status for a configuration that cannot be used (sysexits EX_CONFIG); the systemd unit
@@ -53,11 +55,13 @@ enum Command {
         port: Option<PathBuf>,
         #[arg(long, default_value_t = 115_200)]
         baud: u32,
-        #[arg(long, value_enum, default_value_t = SimFraming::Lines)]
-        framing: SimFraming,
-        /// For lines: json or kv. Binary (cobs) frames are always postcard.
-        #[arg(long, value_enum, default_value_t = SimFormat::Json)]
-        format: SimFormat,
+        /// lines or cobs.
+        #[arg(long, value_parser = parse_framing, default_value = "lines")]
+        framing: Framing,
+        /// For lines: json (the default) or kv. Binary (cobs) frames are always postcard: a
+        /// format the framing does not carry is replaced by the framing's default.
+        #[arg(long, value_parser = parse_format)]
+        format: Option<Format>,
         /// Readings per second; 0 = as fast as the port takes them.
         #[arg(long, default_value_t = 10)]
         rate: u32,
@@ -70,16 +74,12 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum SimFraming {
-    Lines,
-    Cobs,
+fn parse_framing(name: &str) -> Result<Framing, String> {
+    Framing::from_name(name).ok_or_else(|| format!("use one of: {}", Framing::ALL.map(Framing::as_str).join(", ")))
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum SimFormat {
-    Json,
-    Kv,
+fn parse_format(name: &str) -> Result<Format, String> {
+    Format::from_name(name).ok_or_else(|| format!("use one of: {}", Format::ALL.map(Format::as_str).join(", ")))
 }
 
 fn main() -> ExitCode {
@@ -128,13 +128,8 @@ fn main() -> ExitCode {
         }
         Command::Simulate { link, port, baud, framing, format, rate, count, start } => {
             init_logging(cli.log_format, "info");
-            let spec = match framing {
-                SimFraming::Cobs => SimSpec { framing: Framing::Cobs, format: Format::Postcard },
-                SimFraming::Lines => SimSpec {
-                    framing: Framing::Lines,
-                    format: if matches!(format, SimFormat::Kv) { Format::Kv } else { Format::Json },
-                },
-            };
+            let format = format.filter(|f| framing.carries(*f)).unwrap_or(framing.default_format());
+            let spec = SimSpec { framing, format };
             exit_from(runtime().and_then(|rt| rt.block_on(simulate_cmd(spec, link, port, baud, rate, count, start))))
         }
     }

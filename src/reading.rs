@@ -7,12 +7,9 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::config::DeviceConfig;
-use crate::decode::{write_json_str, Decode, Decoded};
+use crate::decode::{Channel, Decode, Decoded};
+use crate::payload::{write_json_str, RESERVED_KEY};
 use crate::reject::Reject;
-
-/// The one key the gateway adds to a reading; a sensor field of this name is rejected.
-pub const RESERVED_KEY: &str = "_gw";
 
 /// Arena chunk size. A queued reading keeps its chunk alive, so chunks stay small.
 const ARENA_CHUNK: usize = 16 * 1024;
@@ -69,13 +66,14 @@ pub struct PayloadBuilder {
 }
 
 impl PayloadBuilder {
-    pub fn new(dev: &DeviceConfig) -> Self {
+    /// Payloads of the device called `device`; `channels` with a unit add a `units` member.
+    pub fn new(device: &str, channels: &[Channel]) -> Self {
         let mut head = BytesMut::new();
         head.put_slice(b"\"");
         head.put_slice(RESERVED_KEY.as_bytes());
         head.put_slice(b"\":{\"device\":");
-        write_json_str(&mut head, &dev.name);
-        let with_units: Vec<_> = dev.channels.iter().filter_map(|c| Some((&c.name, c.unit.as_ref()?))).collect();
+        write_json_str(&mut head, device);
+        let with_units: Vec<_> = channels.iter().filter_map(|c| Some((&c.name, c.unit.as_ref()?))).collect();
         let units = (!with_units.is_empty()).then(|| {
             let mut u = BytesMut::new();
             u.put_slice(b",\"units\":{");
@@ -140,21 +138,16 @@ impl PayloadBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
     use crate::decode::{JsonDecoder, KvDecoder};
 
-    fn device(extra: &str) -> DeviceConfig {
-        let text = format!(
-            "[gateway]\nid = \"gw\"\n[[device]]\nname = \"th\\\"1\"\npath = \"/dev/x\"\nframing = \"lines\"\n{extra}"
-        );
-        // Topic-name validation would refuse the quote; payload escaping is what is tested here.
-        let mut c: Config = toml::from_str(&text).unwrap();
-        c.devices.remove(0)
+    /// Topic-name validation would refuse the quote; payload escaping is what is tested here.
+    fn builder() -> PayloadBuilder {
+        PayloadBuilder::new("th\"1", &[])
     }
 
     #[test]
     fn wraps_fields_with_metadata_and_keeps_sensor_fields() {
-        let mut b = PayloadBuilder::new(&device(""));
+        let mut b = builder();
         let (p, _) = b.build(&mut JsonDecoder, br#"{"t":21.50,"seq":"sensor's"}"#, 3, 17).unwrap();
         let s = std::str::from_utf8(&p).unwrap();
         assert_eq!(s, r#"{"t":21.50,"seq":"sensor's","_gw":{"device":"th\"1","seq":3,"received_at_us":17}}"#);
@@ -165,7 +158,7 @@ mod tests {
 
     #[test]
     fn rejected_frame_leaves_nothing_behind() {
-        let mut b = PayloadBuilder::new(&device(""));
+        let mut b = builder();
         assert_eq!(b.build(&mut KvDecoder, b"a=1 b", 1, 1).unwrap_err(), Reject::BadKv);
         let (p, _) = b.build(&mut KvDecoder, b"a=1", 2, 1).unwrap();
         assert!(p.starts_with(b"{\"a\":1,"), "{p:?}");
@@ -200,7 +193,7 @@ mod tests {
 
     #[test]
     fn many_payloads_share_few_allocations() {
-        let mut b = PayloadBuilder::new(&device(""));
+        let mut b = builder();
         let payloads: Vec<Bytes> =
             (0..1000).map(|i| b.build(&mut KvDecoder, b"t=21.5 h=40", i, 1).unwrap().0).collect();
         // Consecutive payloads are adjacent slices of one chunk.

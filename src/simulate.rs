@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::config::{Format, Framing};
+use crate::decode::Format;
+use crate::framing::Framing;
 use crate::telemetry::now_us;
 
 /// What to send.
@@ -49,10 +50,7 @@ impl SimSpec {
                 out.extend_from_slice(&buf[..len]);
             }
         }
-        debug_assert!(matches!(
-            (self.framing, self.format),
-            (Framing::Lines, Format::Json | Format::Kv) | (Framing::Cobs, Format::Postcard)
-        ));
+        debug_assert!(self.framing.carries(self.format));
     }
 }
 

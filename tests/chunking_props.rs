@@ -7,9 +7,11 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::FileFailurePersistence;
-use sensorgate::config::{Config, DeviceConfig, Format, Framing};
+use sensorgate::config::{Config, DeviceConfig};
 use sensorgate::decode;
+use sensorgate::decode::Format;
 use sensorgate::framing::Framer;
+use sensorgate::framing::Framing;
 use sensorgate::reading::PayloadBuilder;
 use sensorgate::reject::Reject;
 use sensorgate::simulate::SimSpec;
@@ -199,7 +201,7 @@ impl Outcome {
 
 fn feed(devs: &[DeviceConfig], chunks: &[&[u8]]) -> Outcome {
     // Devices of one test share framing and cap: one framer serves all decoders.
-    let mut framer = Framer::for_device(&devs[0]);
+    let mut framer = Framer::new(devs[0].framing, devs[0].max_frame());
     let mut frames = Vec::new();
     for c in chunks {
         framer.push(c, |f| frames.push(f.map(<[u8]>::to_vec)));
@@ -207,8 +209,8 @@ fn feed(devs: &[DeviceConfig], chunks: &[&[u8]]) -> Outcome {
     let payloads = devs
         .iter()
         .map(|dev| {
-            let mut decoder = decode::for_device(dev);
-            let mut builder = PayloadBuilder::new(dev);
+            let mut decoder = decode::for_format(dev.format(), &dev.channels);
+            let mut builder = PayloadBuilder::new(&dev.name, &dev.channels);
             frames
                 .iter()
                 .enumerate()

@@ -54,7 +54,7 @@ async fn a_decoder_panic_restarts_only_its_device() {
     let (p, q) = (dir.path().join("p"), dir.path().join("q"));
     let (mut pty_p, mut pty_q) = (PtyLink::create(&p).unwrap(), PtyLink::create(&q).unwrap());
     let decoders = Arc::new(|dev: &DeviceConfig| -> Box<dyn Decode> {
-        let inner = decode::for_device(dev);
+        let inner = decode::for_format(dev.format(), &dev.channels);
         if dev.name == "p" {
             Box::new(PanicsOnBoom(inner))
         } else {

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{assert_identities, n, render, write_all, Gateway, Mosquitto, Msg, Subscriber};
-use sensorgate::config::{Format, Framing};
+use sensorgate::decode::Format;
+use sensorgate::framing::Framing;
 use sensorgate::simulate::{PtyLink, SimSpec};
 use serde_json::Value;
 

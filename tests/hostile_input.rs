@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{memory_mib, n, write_concurrently, Gateway, Mosquitto, Msg, Rng, Subscriber};
-use sensorgate::config::{Format, Framing};
+use sensorgate::decode::Format;
+use sensorgate::framing::Framing;
 use sensorgate::simulate::{PtyLink, SimSpec};
 use serde_json::Value;
 

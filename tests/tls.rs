@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::{free_port, write_all, Gateway, Mosquitto, Subscriber};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use sensorgate::config::{Format, Framing};
+use sensorgate::decode::Format;
+use sensorgate::framing::Framing;
 use sensorgate::simulate::{PtyLink, SimSpec};
 
 /// A CA that can sign leaf certificates.

@@ -16,8 +16,8 @@ fuzz_target!(|data: &[u8]| {
     let [c0, c1, stream @ ..] = data else { return };
     let dev = cobs_device();
     let frames = frames(dev, [*c0, *c1], stream);
-    let mut decoder = decode::for_device(dev);
-    let mut builder = PayloadBuilder::new(dev);
+    let mut decoder = decode::for_format(dev.format(), &dev.channels);
+    let mut builder = PayloadBuilder::new(&dev.name, &dev.channels);
     let mut seq = 0u64;
     for frame in frames.iter().flatten() {
         // An empty body is possible (0x01 0x00 is COBS for zero bytes); the decoder rejects it.

@@ -18,9 +18,9 @@ fuzz_target!(|data: &[u8]| {
             let _ = c.client_id();
             for d in &c.devices {
                 assert!((16..=65536).contains(&d.max_frame()));
-                let _ = Framer::for_device(d);
-                let _ = decode::for_device(d);
-                let _ = PayloadBuilder::new(d);
+                let _ = Framer::new(d.framing, d.max_frame());
+                let _ = decode::for_format(d.format(), &d.channels);
+                let _ = PayloadBuilder::new(&d.name, &d.channels);
             }
         }
         Err(problems) => {

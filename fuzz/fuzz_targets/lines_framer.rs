@@ -20,15 +20,15 @@ fuzz_target!(|data: &[u8]| {
         assert!(!f.iter().all(u8::is_ascii_whitespace), "a blank line became a frame: {f:?}");
     }
     for dev in devs {
-        let mut decoder = decode::for_device(dev);
-        let mut builder = PayloadBuilder::new(dev);
+        let mut decoder = decode::for_format(dev.format(), &dev.channels);
+        let mut builder = PayloadBuilder::new(&dev.name, &dev.channels);
         for (seq, frame) in frames.iter().flatten().enumerate() {
             let seq = seq as u64;
             let Ok((payload, decoded)) = builder.build(&mut *decoder, frame, seq, RECEIVED_AT_US) else { continue };
             let fields = check_payload(dev, &payload, seq, decoded.sensor_seq);
             match dev.format() {
                 // Passed through unchanged: the same members as the frame itself.
-                sensorgate::config::Format::Json => {
+                sensorgate::decode::Format::Json => {
                     let sent: Value = serde_json::from_slice(frame).expect("accepted frame is JSON");
                     assert_eq!(sent, Value::Object(fields), "members changed in transit");
                 }

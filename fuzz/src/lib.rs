@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use sensorgate::config::{Config, DeviceConfig};
 use sensorgate::framing::Framer;
-use sensorgate::reading::RESERVED_KEY;
+use sensorgate::payload::RESERVED_KEY;
 use sensorgate::reject::Reject;
 use serde_json::Value;
 
@@ -89,7 +89,7 @@ pub fn frames(dev: &DeviceConfig, ctl: [u8; 2], stream: &[u8]) -> Vec<FrameOut> 
 }
 
 fn feed<'a>(dev: &DeviceConfig, chunks: impl Iterator<Item = &'a [u8]>) -> (Vec<FrameOut>, bool) {
-    let mut framer = Framer::for_device(dev);
+    let mut framer = Framer::new(dev.framing, dev.max_frame());
     let mut out = Vec::new();
     for c in chunks {
         framer.push(c, |f| out.push(f.map(<[u8]>::to_vec)));

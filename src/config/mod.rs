@@ -16,7 +16,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use self::units::{de_duration, de_opt_duration, de_opt_size, de_size};
-use crate::commands::Command;
+use crate::command::Command;
+use crate::decode::{Channel, Format};
+use crate::framing::Framing;
 
 /// The whole gateway configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -334,7 +336,7 @@ pub struct DeviceConfig {
     pub open_timeout: Duration,
     /// Names and units for the numbered channels of binary (postcard) frames.
     #[serde(default, rename = "channel")]
-    pub channels: Vec<ChannelConfig>,
+    pub channels: Vec<Channel>,
     /// Home Assistant sensor entities made from this device's reading fields.
     #[serde(default, rename = "entity")]
     pub entities: Vec<EntityConfig>,
@@ -358,59 +360,13 @@ pub struct EntityConfig {
 impl DeviceConfig {
     /// The format after applying the framing's default.
     pub fn format(&self) -> Format {
-        self.format.unwrap_or(match self.framing {
-            Framing::Lines => Format::Json,
-            Framing::Cobs => Format::Postcard,
-        })
+        self.format.unwrap_or(self.framing.default_format())
     }
 
     /// The frame cap after applying the framing's default.
     pub fn max_frame(&self) -> usize {
-        match (self.max_frame, self.framing) {
-            (Some(n), _) => n as usize,
-            (None, Framing::Lines) => 1024,
-            (None, Framing::Cobs) => sensorgate_wire::MAX_FRAME_LEN,
-        }
+        self.max_frame.map_or(self.framing.default_max_frame(), |n| n as usize)
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChannelConfig {
-    pub id: u8,
-    pub name: String,
-    pub unit: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Framing {
-    /// `\n`-terminated text, `\r` stripped.
-    Lines,
-    /// COBS frames terminated by 0x00.
-    Cobs,
-}
-
-impl Format {
-    /// The name used in the config file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Json => "json",
-            Format::Kv => "kv",
-            Format::Postcard => "postcard",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// One JSON object per line, passed through unchanged.
-    Json,
-    /// `key=value` pairs separated by spaces.
-    Kv,
-    /// sensorgate-wire `ReadingV1` (binary, for `cobs`).
-    Postcard,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

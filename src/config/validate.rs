@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use super::{Config, DeviceConfig, Format, Framing, MqttConfig, Problem};
-use crate::commands::Command;
+use crate::command::Command;
+use crate::payload::RESERVED_KEY;
 
 /// `mqtt.max_packet_size` bounds: below 128 bytes no reading fits beside its topic; above is
 /// more than MQTT's remaining-length field can express.
@@ -246,18 +247,22 @@ impl Config {
         if !(1..=2).contains(&d.stop_bits) {
             p.push(Problem::new(k("stop_bits"), "must be 1 or 2", "remove it to use 1"));
         }
-        match (d.framing, d.format()) {
-            (Framing::Lines, Format::Json | Format::Kv) | (Framing::Cobs, Format::Postcard) => {}
-            (Framing::Lines, Format::Postcard) => p.push(Problem::new(
+        let (framing, format) = (d.framing, d.format());
+        if !framing.carries(format) {
+            let carrier = Framing::for_format(format);
+            let kind = if format.is_binary() { "is binary" } else { "is a text format" };
+            let formats: Vec<String> = framing.formats().iter().map(|f| format!("{:?}", f.as_str())).collect();
+            p.push(Problem::new(
                 k("format"),
-                "\"postcard\" is binary and needs framing = \"cobs\"",
-                "use format = \"json\" or \"kv\" with lines, or framing = \"cobs\"",
-            )),
-            (Framing::Cobs, f) => p.push(Problem::new(
-                k("format"),
-                format!("{:?} is a text format and needs framing = \"lines\"", f.as_str()),
-                "use format = \"postcard\" (the default) with cobs",
-            )),
+                format!("{:?} {kind} and needs framing = {:?}", format.as_str(), carrier.as_str()),
+                format!(
+                    "use format = {} with {} (default {:?}), or framing = {:?}",
+                    formats.join(" or "),
+                    framing.as_str(),
+                    framing.default_format().as_str(),
+                    carrier.as_str()
+                ),
+            ));
         }
         let max = d.max_frame();
         if !(16..=65536).contains(&max) {
@@ -284,7 +289,7 @@ impl Config {
         }
         for (e, ent) in d.entities.iter().enumerate() {
             let key = |f: &str| format!("device[{i}].entity[{e}].{f}");
-            if ent.field.is_empty() || ent.field == crate::reading::RESERVED_KEY {
+            if ent.field.is_empty() || ent.field == RESERVED_KEY {
                 p.push(Problem::new(
                     key("field"),
                     format!("{:?} is not a reading field", ent.field),
@@ -317,14 +322,11 @@ impl Config {
             }
         }
         for (c, ch) in d.channels.iter().enumerate() {
-            if ch.name.is_empty() || ch.name == crate::reading::RESERVED_KEY || ch.name.chars().any(char::is_control) {
+            if ch.name.is_empty() || ch.name == RESERVED_KEY || ch.name.chars().any(char::is_control) {
                 p.push(Problem::new(
                     format!("device[{i}].channel[{c}].name"),
                     format!("{:?} cannot be used as a field name", ch.name),
-                    format!(
-                        "use a plain name such as \"temperature\" (not empty, not {:?})",
-                        crate::reading::RESERVED_KEY
-                    ),
+                    format!("use a plain name such as \"temperature\" (not empty, not {:?})", RESERVED_KEY),
                 ));
             }
             if d.channels[..c].iter().any(|o| o.id == ch.id) {

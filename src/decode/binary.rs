@@ -3,8 +3,8 @@
 use bytes::{BufMut, BytesMut};
 use sensorgate_wire::Value;
 
-use super::{write_json_str, Decode, Decoded};
-use crate::config::ChannelConfig;
+use super::{Channel, Decode, Decoded};
+use crate::payload::write_json_str;
 use crate::reject::Reject;
 
 /// Channels get their configured names; unconfigured ids are named `ch<id>`.
@@ -14,7 +14,7 @@ pub struct PostcardDecoder {
 }
 
 impl PostcardDecoder {
-    pub fn new(channels: &[ChannelConfig]) -> Self {
+    pub fn new(channels: &[Channel]) -> Self {
         let mut names = vec![None; 256];
         for ch in channels {
             let mut key = BytesMut::new();
@@ -72,7 +72,7 @@ mod tests {
 
     #[test]
     fn names_channels_from_config() {
-        let cfg = [ChannelConfig { id: 0, name: "temp".into(), unit: Some("°C".into()) }];
+        let cfg = [crate::decode::Channel { id: 0, name: "temp".into(), unit: Some("°C".into()) }];
         let mut d = PostcardDecoder::new(&cfg);
         let mut r = ReadingV1::new(7);
         r.channels.push(Channel { id: 0, value: Value::F32(21.5) }).unwrap();

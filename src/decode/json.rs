@@ -5,7 +5,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::{Decode, Decoded};
-use crate::reading::RESERVED_KEY;
+use crate::payload::RESERVED_KEY;
 use crate::reject::Reject;
 
 /// Deepest nesting forwarded (the reading object is level 1). Consumers (Home Assistant

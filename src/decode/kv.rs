@@ -2,8 +2,8 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::{write_json_str, Decode, Decoded};
-use crate::reading::RESERVED_KEY;
+use super::{Decode, Decoded};
+use crate::payload::{write_json_str, RESERVED_KEY};
 use crate::reject::Reject;
 
 /// Fields one line may carry; more is treated as garbage rather than grown into.

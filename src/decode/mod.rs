@@ -10,9 +10,54 @@ pub use self::json::JsonDecoder;
 pub use self::kv::KvDecoder;
 
 use bytes::BytesMut;
+use serde::Deserialize;
 
-use crate::config::{DeviceConfig, Format};
 use crate::reject::Reject;
+
+/// How a frame's bytes encode a reading (`format` in a device's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One JSON object per line, passed through unchanged.
+    Json,
+    /// `key=value` pairs separated by spaces.
+    Kv,
+    /// sensorgate-wire `ReadingV1` (binary, for `cobs`).
+    Postcard,
+}
+
+impl Format {
+    pub const ALL: [Self; 3] = [Self::Json, Self::Kv, Self::Postcard];
+
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Kv => "kv",
+            Format::Postcard => "postcard",
+        }
+    }
+
+    /// The format called `name` in the config file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == name)
+    }
+
+    /// Binary rather than text.
+    pub fn is_binary(self) -> bool {
+        matches!(self, Format::Postcard)
+    }
+}
+
+/// The name and unit of one numbered channel of binary (postcard) frames
+/// (`[[device.channel]]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channel {
+    pub id: u8,
+    pub name: String,
+    pub unit: Option<String>,
+}
 
 /// What a decoder learned besides the fields.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -32,52 +77,11 @@ pub trait Decode: Send {
     fn decode(&mut self, frame: &[u8], out: &mut BytesMut) -> Result<Decoded, Reject>;
 }
 
-/// The decoder for a device's configured format.
-pub fn for_device(dev: &DeviceConfig) -> Box<dyn Decode> {
-    match dev.format() {
+/// The decoder for `format`; `channels` name the channels of binary frames.
+pub fn for_format(format: Format, channels: &[Channel]) -> Box<dyn Decode> {
+    match format {
         Format::Json => Box::new(JsonDecoder),
         Format::Kv => Box::new(KvDecoder),
-        Format::Postcard => Box::new(PostcardDecoder::new(&dev.channels)),
-    }
-}
-
-/// Appends `s` as a JSON string literal.
-pub(crate) fn write_json_str(out: &mut BytesMut, s: &str) {
-    use bytes::BufMut;
-    out.put_u8(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f => b"",
-            _ => continue,
-        };
-        out.put_slice(&bytes[start..i]);
-        if esc.is_empty() {
-            out.put_slice(format!("\\u{b:04x}").as_bytes());
-        } else {
-            out.put_slice(esc);
-        }
-        start = i + 1;
-    }
-    out.put_slice(&bytes[start..]);
-    out.put_u8(b'"');
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_strings_are_escaped() {
-        let mut out = BytesMut::new();
-        write_json_str(&mut out, "a\"b\\c\nd\u{1}é");
-        let s = std::str::from_utf8(&out).unwrap();
-        assert_eq!(serde_json::from_str::<String>(s).unwrap(), "a\"b\\c\nd\u{1}é");
+        Format::Postcard => Box::new(PostcardDecoder::new(channels)),
     }
 }

@@ -26,7 +26,7 @@ pub type DecoderFactory = Arc<dyn Fn(&DeviceConfig) -> Box<dyn Decode> + Send + 
 
 /// The production decoders.
 pub fn default_decoders() -> DecoderFactory {
-    Arc::new(crate::decode::for_device)
+    Arc::new(|dev: &DeviceConfig| crate::decode::for_format(dev.format(), &dev.channels))
 }
 
 /// Supervisor states (contract: the `state` field of the device state topic).

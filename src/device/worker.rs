@@ -33,9 +33,9 @@ impl Worker {
         let dev = Arc::clone(&self.dev);
         let name = dev.name();
         let counters = &dev.counters;
-        let mut framer = Framer::for_device(&dev.config);
+        let mut framer = Framer::new(dev.config.framing, dev.config.max_frame());
         let mut decoder = (self.decoders)(&dev.config);
-        let mut builder = PayloadBuilder::new(&dev.config);
+        let mut builder = PayloadBuilder::new(name, &dev.config.channels);
         let mut last_sensor_seq: Option<u32> = None;
         while let Some((chunk, received_at_us)) = rx.blocking_recv() {
             framer.push(&chunk, |frame| {
@@ -55,7 +55,7 @@ impl Worker {
                         tracing::error!(device = name, panic = %msg, "Decoder panicked; restarting the device session.");
                         // Its state is suspect: finish this session's bytes with a fresh one.
                         decoder = (self.decoders)(&dev.config);
-                        builder = PayloadBuilder::new(&dev.config);
+                        builder = PayloadBuilder::new(name, &dev.config.channels);
                         if let Some(tx) = self.panicked.take() {
                             let _ = tx.send(msg);
                         }

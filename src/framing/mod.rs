@@ -10,8 +10,69 @@ mod lines;
 pub use self::cobs::CobsFramer;
 pub use self::lines::LinesFramer;
 
-use crate::config::{DeviceConfig, Framing};
+use serde::Deserialize;
+
+use crate::decode::Format;
 use crate::reject::Reject;
+
+/// How a byte stream is cut into frames (`framing` in a device's config). The one table of
+/// which formats each framing carries and what it defaults to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    /// `\n`-terminated text, `\r` stripped.
+    Lines,
+    /// COBS frames terminated by 0x00.
+    Cobs,
+}
+
+impl Framing {
+    pub const ALL: [Self; 2] = [Self::Lines, Self::Cobs];
+
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Framing::Lines => "lines",
+            Framing::Cobs => "cobs",
+        }
+    }
+
+    /// The framing called `name` in the config file.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == name)
+    }
+
+    /// The formats this framing carries, its default first.
+    pub fn formats(self) -> &'static [Format] {
+        match self {
+            Framing::Lines => &[Format::Json, Format::Kv],
+            Framing::Cobs => &[Format::Postcard],
+        }
+    }
+
+    /// The format used when none is configured.
+    pub fn default_format(self) -> Format {
+        self.formats()[0]
+    }
+
+    /// Whether frames of this framing can hold `format`.
+    pub fn carries(self, format: Format) -> bool {
+        self.formats().contains(&format)
+    }
+
+    /// The framing that carries `format`.
+    pub fn for_format(format: Format) -> Self {
+        Self::ALL.into_iter().find(|f| f.carries(format)).expect("every format has a framing")
+    }
+
+    /// The frame cap used when none is configured: a long text line; a whole wire frame.
+    pub fn default_max_frame(self) -> usize {
+        match self {
+            Framing::Lines => 1024,
+            Framing::Cobs => sensorgate_wire::MAX_FRAME_LEN,
+        }
+    }
+}
 
 /// The framer a device uses.
 #[derive(Debug)]
@@ -21,11 +82,11 @@ pub enum Framer {
 }
 
 impl Framer {
-    /// The framer for a device's configured framing and frame cap.
-    pub fn for_device(dev: &DeviceConfig) -> Self {
-        match dev.framing {
-            Framing::Lines => Framer::Lines(LinesFramer::new(dev.max_frame())),
-            Framing::Cobs => Framer::Cobs(CobsFramer::new(dev.max_frame())),
+    /// A framer for `framing` that holds frames of at most `max_frame` bytes.
+    pub fn new(framing: Framing, max_frame: usize) -> Self {
+        match framing {
+            Framing::Lines => Framer::Lines(LinesFramer::new(max_frame)),
+            Framing::Cobs => Framer::Cobs(CobsFramer::new(max_frame)),
         }
     }
 

@@ -389,7 +389,8 @@ pub fn render(spec: sensorgate::simulate::SimSpec, range: std::ops::Range<u64>) 
 
 /// JSON-lines readings numbered `range`.
 pub fn json_lines(range: std::ops::Range<u64>) -> Vec<u8> {
-    use sensorgate::config::{Format, Framing};
+    use sensorgate::decode::Format;
+    use sensorgate::framing::Framing;
     render(sensorgate::simulate::SimSpec { framing: Framing::Lines, format: Format::Json }, range)
 }
 
