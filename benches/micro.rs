@@ -65,7 +65,9 @@ fn pipeline(c: &mut Criterion) {
                     framer.push(ch, |f| {
                         seq += 1;
                         if let Ok(frame) = f {
-                            ok += usize::from(builder.build(&mut *decoder, frame, seq, 1).is_ok());
+                            ok += usize::from(
+                                builder.build(frame.len(), seq, 1, |out| decoder.decode(frame, out)).is_ok(),
+                            );
                         }
                     });
                 }

@@ -4,8 +4,8 @@
 //!  serial port ─► device supervisor (tokio task per device, owns the SerialStream)
 //!                   │ read() under idle_timeout; chunks over a small bounded channel
 //!                   ▼
-//!                 decode thread (std::thread "decode-<device>", owns framer + decoder)
-//!                   │ framing (lines | cobs) → decode (json | kv | postcard) → payload
+//!                 decode thread (std::thread "decode-<device>", owns the stream input)
+//!                   │ framing (lines | cobs) → decode (json | kv | postcard) → ReadingSink
 //!                   │ bad frame: counted by reason, logged, skipped
 //!                   │ push(): synchronous, never blocks
 //!                   ▼
@@ -18,12 +18,17 @@
 //! ```
 //!
 //! Layout:
-//! - [`config`]: typed TOML config, validated as a whole.
-//! - [`framing`], [`decode`], [`reading`]: sans-IO frame splitting, decoding, payloads.
+//! - [`config`]: typed TOML config, validated as a whole; it maps TOML onto the types of the
+//!   sans-IO modules, which never import it.
+//! - [`framing`], [`decode`], [`reading`]: sans-IO frame splitting, decoding, payloads;
+//!   [`payload`]: the reserved key and JSON string writing (a leaf).
+//! - [`input`]: the `ReadingSink` every input ends in (fields → payload → checks → queue →
+//!   counters) and the stream input (chunks → framer → decoder → sink). Sans-IO.
 //! - [`queue`]: the one bounded queue and the in-flight ledger.
 //! - [`device`]: supervisor, session and decode thread of one serial device.
 //! - [`mqtt`]: the connection task (the only MQTT client code): codec, connect, session.
 //! - [`telemetry`]: counters and log-and-count events; [`metrics`]: the metrics payload.
+//! - [`commands`]: commands over MQTT ([`command`]: their names, a leaf).
 //! - [`app`]: wiring and phased shutdown; [`simulate`]: the sensor simulator.
 
 pub mod app;
@@ -35,6 +40,7 @@ pub mod decode;
 pub mod device;
 pub mod framing;
 pub mod homeassistant;
+pub mod input;
 pub mod liveness;
 pub mod metrics;
 pub mod mqtt;

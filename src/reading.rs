@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::decode::{Channel, Decode, Decoded};
+use crate::decode::{Channel, Decoded};
 use crate::payload::{write_json_str, RESERVED_KEY};
 use crate::reject::Reject;
 
@@ -91,24 +91,26 @@ impl PayloadBuilder {
         Self { arena: BytesMut::new(), meta_head: head.to_vec().into_boxed_slice(), units }
     }
 
-    /// Decodes `frame` with `decoder` and wraps it with metadata.
+    /// The payload of one reading: `fields` appends its sensor fields as JSON members (what a
+    /// [`Decode`](crate::decode::Decode) does with a frame), the metadata follows. `input_len`
+    /// is the size of what the fields are made from (a frame); room for twice that is made.
     ///
     /// # Errors
-    /// The decoder's [`Reject`]; nothing is kept of a rejected frame.
+    /// The [`Reject`] `fields` returns; nothing is kept of a rejected reading.
     pub fn build(
         &mut self,
-        decoder: &mut dyn Decode,
-        frame: &[u8],
+        input_len: usize,
         seq: u64,
         received_at_us: u64,
+        fields: impl FnOnce(&mut BytesMut) -> Result<Decoded, Reject>,
     ) -> Result<(Bytes, Decoded), Reject> {
-        let need = frame.len() * 2 + META_ROOM + self.units.as_ref().map_or(0, |u| u.len());
+        let need = input_len * 2 + META_ROOM + self.units.as_ref().map_or(0, |u| u.len());
         if self.arena.capacity() < need {
             self.arena = BytesMut::with_capacity(ARENA_CHUNK.max(need));
         }
         let a = &mut self.arena;
         a.put_u8(b'{');
-        let decoded = match decoder.decode(frame, a) {
+        let decoded = match fields(a) {
             Ok(d) => d,
             Err(e) => {
                 a.clear();
@@ -138,7 +140,17 @@ impl PayloadBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{JsonDecoder, KvDecoder};
+    use crate::decode::{Decode, JsonDecoder, KvDecoder};
+
+    fn build(
+        b: &mut PayloadBuilder,
+        mut d: impl Decode,
+        frame: &[u8],
+        seq: u64,
+        at: u64,
+    ) -> Result<(Bytes, Decoded), Reject> {
+        b.build(frame.len(), seq, at, |out| d.decode(frame, out))
+    }
 
     /// Topic-name validation would refuse the quote; payload escaping is what is tested here.
     fn builder() -> PayloadBuilder {
@@ -148,10 +160,10 @@ mod tests {
     #[test]
     fn wraps_fields_with_metadata_and_keeps_sensor_fields() {
         let mut b = builder();
-        let (p, _) = b.build(&mut JsonDecoder, br#"{"t":21.50,"seq":"sensor's"}"#, 3, 17).unwrap();
+        let (p, _) = build(&mut b, JsonDecoder, br#"{"t":21.50,"seq":"sensor's"}"#, 3, 17).unwrap();
         let s = std::str::from_utf8(&p).unwrap();
         assert_eq!(s, r#"{"t":21.50,"seq":"sensor's","_gw":{"device":"th\"1","seq":3,"received_at_us":17}}"#);
-        let (p, _) = b.build(&mut JsonDecoder, b"{}", 4, 18).unwrap();
+        let (p, _) = build(&mut b, JsonDecoder, b"{}", 4, 18).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
         assert_eq!(v["_gw"]["seq"], 4);
     }
@@ -159,8 +171,8 @@ mod tests {
     #[test]
     fn rejected_frame_leaves_nothing_behind() {
         let mut b = builder();
-        assert_eq!(b.build(&mut KvDecoder, b"a=1 b", 1, 1).unwrap_err(), Reject::BadKv);
-        let (p, _) = b.build(&mut KvDecoder, b"a=1", 2, 1).unwrap();
+        assert_eq!(build(&mut b, KvDecoder, b"a=1 b", 1, 1).unwrap_err(), Reject::BadKv);
+        let (p, _) = build(&mut b, KvDecoder, b"a=1", 2, 1).unwrap();
         assert!(p.starts_with(b"{\"a\":1,"), "{p:?}");
     }
 
@@ -195,7 +207,7 @@ mod tests {
     fn many_payloads_share_few_allocations() {
         let mut b = builder();
         let payloads: Vec<Bytes> =
-            (0..1000).map(|i| b.build(&mut KvDecoder, b"t=21.5 h=40", i, 1).unwrap().0).collect();
+            (0..1000).map(|i| build(&mut b, KvDecoder, b"t=21.5 h=40", i, 1).unwrap().0).collect();
         // Consecutive payloads are adjacent slices of one chunk.
         let adjacent = payloads.windows(2).filter(|w| w[0].as_ptr_range().end == w[1].as_ptr()).count();
         assert!(adjacent > 900, "only {adjacent} of 999 payloads shared a chunk");

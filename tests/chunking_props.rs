@@ -1,6 +1,7 @@
 //! Chunking never matters: a byte stream split into chunks anywhere gives exactly the frames,
 //! rejections and payloads of the same stream fed whole, for the lines and the cobs framer and
-//! the decoders behind them (through `PayloadBuilder`). Streams mix simulator readings, garbage,
+//! the decoders behind them (through each device's stream input and reading sink, the decode
+//! thread's own code). Streams mix simulator readings, garbage,
 //! runs around and past `max_frame`, and delimiters.
 
 use bytes::Bytes;
@@ -8,14 +9,16 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::FileFailurePersistence;
 use sensorgate::config::{Config, DeviceConfig};
-use sensorgate::decode;
 use sensorgate::decode::Format;
 use sensorgate::framing::Framer;
 use sensorgate::framing::Framing;
-use sensorgate::reading::PayloadBuilder;
 use sensorgate::reject::Reject;
 use sensorgate::simulate::SimSpec;
 use sensorgate_wire::{encode_frame, Channel, ReadingV1, Value, MAX_FRAME_LEN};
+use support::TestDevice;
+
+#[path = "support/device.rs"]
+mod support;
 
 const JSON: SimSpec = SimSpec { framing: Framing::Lines, format: Format::Json };
 const KV: SimSpec = SimSpec { framing: Framing::Lines, format: Format::Kv };
@@ -200,25 +203,17 @@ impl Outcome {
 }
 
 fn feed(devs: &[DeviceConfig], chunks: &[&[u8]]) -> Outcome {
-    // Devices of one test share framing and cap: one framer serves all decoders.
+    // Devices of one test share framing and cap: one framer shows what every device's cuts.
     let mut framer = Framer::new(devs[0].framing, devs[0].max_frame());
     let mut frames = Vec::new();
     for c in chunks {
         framer.push(c, |f| frames.push(f.map(<[u8]>::to_vec)));
     }
+    // Each device's own stream input and reading sink, as on its decode thread.
     let payloads = devs
         .iter()
         .map(|dev| {
-            let mut decoder = decode::for_format(dev.format(), &dev.channels);
-            let mut builder = PayloadBuilder::new(&dev.name, &dev.channels);
-            frames
-                .iter()
-                .enumerate()
-                .map(|(seq, f)| match f {
-                    Ok(frame) => builder.build(&mut *decoder, frame, seq as u64, 0).map(|(p, _)| p),
-                    Err(e) => Err(*e),
-                })
-                .collect()
+            TestDevice::new(dev).stream(chunks.iter().copied(), 0).into_iter().map(|p| p.map(Bytes::from)).collect()
         })
         .collect();
     Outcome { frames, payloads, partial: framer.has_partial() }
@@ -289,7 +284,8 @@ proptest! {
         for (i, (p, &n)) in payloads.iter().zip(&ns).enumerate() {
             let p = p.as_ref().map_err(|e| TestCaseError::fail(format!("reading {n} rejected: {e:?}")))?;
             let v: serde_json::Value = serde_json::from_slice(p).expect("payload is JSON");
-            prop_assert_eq!(&v["_gw"]["seq"], &serde_json::json!(i));
+            // The gateway numbers a device's readings from 1.
+            prop_assert_eq!(&v["_gw"]["seq"], &serde_json::json!(i + 1));
             if cobs {
                 prop_assert_eq!(&v["_gw"]["sensor_seq"], &serde_json::json!(n));
                 prop_assert_eq!(&v["ch2"], &serde_json::json!(n));

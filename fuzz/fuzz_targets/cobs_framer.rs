@@ -7,8 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use sensorgate::decode;
-use sensorgate::reading::PayloadBuilder;
-use sensorgate_fuzz::{check_payload, cobs_device, frames, RECEIVED_AT_US};
+use sensorgate_fuzz::{check_payload, cobs_device, frames, TestDevice, RECEIVED_AT_US};
 use sensorgate_wire::{decode_body, Value as Wire, CRC};
 use serde_json::Value;
 
@@ -16,8 +15,10 @@ fuzz_target!(|data: &[u8]| {
     let [c0, c1, stream @ ..] = data else { return };
     let dev = cobs_device();
     let frames = frames(dev, [*c0, *c1], stream);
+    let device = TestDevice::new(dev);
+    // The reading sink every input ends in, fed the decoder's fields of each body.
+    let mut sink = device.sink();
     let mut decoder = decode::for_format(dev.format(), &dev.channels);
-    let mut builder = PayloadBuilder::new(&dev.name, &dev.channels);
     let mut seq = 0u64;
     for frame in frames.iter().flatten() {
         // An empty body is possible (0x01 0x00 is COBS for zero bytes); the decoder rejects it.
@@ -28,11 +29,10 @@ fuzz_target!(|data: &[u8]| {
             fixed[n..].copy_from_slice(&crc);
         }
         for body in [frame, &fixed] {
+            let Ok(()) = sink.offer(body.len(), RECEIVED_AT_US, |out| decoder.decode(body, out)) else { continue };
             seq += 1;
-            let Ok((payload, decoded)) = builder.build(&mut *decoder, body, seq, RECEIVED_AT_US) else { continue };
             let reading = decode_body(body).expect("the decoder accepted a body the wire crate refuses");
-            assert_eq!(decoded.sensor_seq, Some(reading.seq));
-            let fields = check_payload(dev, &payload, seq, decoded.sensor_seq);
+            let fields = check_payload(dev, &device.pop(), seq, Some(reading.seq));
             assert_eq!(fields.len(), reading.channels.len(), "{fields:?} vs {reading:?}");
             for ch in &reading.channels {
                 let name = dev

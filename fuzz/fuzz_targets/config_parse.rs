@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use sensorgate::config::Config;
 use sensorgate::decode;
 use sensorgate::framing::Framer;
-use sensorgate::reading::PayloadBuilder;
+use sensorgate_fuzz::TestDevice;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
                 assert!((16..=65536).contains(&d.max_frame()));
                 let _ = Framer::new(d.framing, d.max_frame());
                 let _ = decode::for_format(d.format(), &d.channels);
-                let _ = PayloadBuilder::new(&d.name, &d.channels);
+                let _ = TestDevice::new(d).sink();
             }
         }
         Err(problems) => {

@@ -5,9 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sensorgate::decode;
-use sensorgate::reading::PayloadBuilder;
-use sensorgate_fuzz::{check_payload, frames, lines_devices, RECEIVED_AT_US};
+use sensorgate_fuzz::{check_payload, frames, lines_devices, Chunks, TestDevice, RECEIVED_AT_US};
 use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,12 +18,21 @@ fuzz_target!(|data: &[u8]| {
         assert!(!f.iter().all(u8::is_ascii_whitespace), "a blank line became a frame: {f:?}");
     }
     for dev in devs {
-        let mut decoder = decode::for_format(dev.format(), &dev.channels);
-        let mut builder = PayloadBuilder::new(&dev.name, &dev.channels);
-        for (seq, frame) in frames.iter().flatten().enumerate() {
-            let seq = seq as u64;
-            let Ok((payload, decoded)) = builder.build(&mut *decoder, frame, seq, RECEIVED_AT_US) else { continue };
-            let fields = check_payload(dev, &payload, seq, decoded.sensor_seq);
+        // The device's stream input: the same cuts, each frame decoded and queued or rejected.
+        let readings = TestDevice::new(dev).stream(Chunks::new([*c0, *c1], stream), RECEIVED_AT_US);
+        assert_eq!(readings.len(), frames.len(), "one outcome per frame");
+        let mut seq = 0;
+        for (frame, reading) in frames.iter().zip(&readings) {
+            let (frame, payload) = match (frame, reading) {
+                (Ok(frame), Ok(payload)) => (frame, payload),
+                (Err(cut), not) => {
+                    assert_eq!(not, &Err(*cut), "a framing reject must stay one");
+                    continue;
+                }
+                (Ok(_), Err(_)) => continue,
+            };
+            seq += 1;
+            let fields = check_payload(dev, payload, seq, None);
             match dev.format() {
                 // Passed through unchanged: the same members as the frame itself.
                 sensorgate::decode::Format::Json => {

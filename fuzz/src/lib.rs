@@ -1,5 +1,6 @@
 //! Helpers shared by the fuzz targets: the devices they use, input splitting and the payload
-//! invariants. Everything here goes through sensorgate's public API only.
+//! invariants. Everything here goes through sensorgate's public API only; readings go through
+//! the gateway's own stream input and reading sink ([`TestDevice`], shared with the tests).
 
 use std::sync::OnceLock;
 
@@ -8,6 +9,10 @@ use sensorgate::framing::Framer;
 use sensorgate::payload::RESERVED_KEY;
 use sensorgate::reject::Reject;
 use serde_json::Value;
+
+#[path = "../../tests/support/device.rs"]
+mod support;
+pub use support::TestDevice;
 
 /// `received_at_us` passed to every build: the largest value, so its formatting is covered.
 pub const RECEIVED_AT_US: u64 = u64::MAX;

@@ -1,5 +1,5 @@
-//! Typed configuration: the schema (TOML → structs). Units are parsed in [`units`], the
-//! whole is checked in [`validate`], files are read and errors located in [`load`].
+//! Typed configuration: the schema (TOML → structs). Units are parsed in `units.rs`, the
+//! whole is checked in `validate.rs`, files are read and errors located in `load.rs`.
 //! Sans-IO modules never import this one: each owns its enums, and this schema maps TOML onto them.
 
 mod load;

@@ -17,6 +17,8 @@ use serde::Serialize;
 
 use crate::config::DeviceConfig;
 use crate::decode::Decode;
+use crate::framing::Framer;
+use crate::input::{ReadingSink, SinkTarget, StreamInput};
 use crate::queue::{Control, ReadingQueue};
 use crate::reading::PacketLimit;
 use crate::telemetry::DeviceCounters;
@@ -104,6 +106,24 @@ impl DeviceRuntime {
         &self.config.name
     }
 
+    /// Where this device's readings go (its config mapped onto the sans-IO sink).
+    pub fn sink(&self, queue: &Arc<ReadingQueue>) -> ReadingSink {
+        let to = SinkTarget {
+            queue: Arc::clone(queue),
+            lane: self.index,
+            counters: Arc::clone(&self.counters),
+            packet_limit: self.packet_limit.clone(),
+        };
+        ReadingSink::new(self.name(), &self.config.channels, to)
+    }
+
+    /// The sans-IO stream input of this device: its framer, a decoder from `decoders`, its sink.
+    pub fn stream_input(&self, queue: &Arc<ReadingQueue>, decoders: &DecoderFactory) -> StreamInput {
+        let (decoders, config) = (Arc::clone(decoders), self.config.clone());
+        let framer = Framer::new(self.config.framing, self.config.max_frame());
+        StreamInput::new(framer, Box::new(move || decoders(&config)), self.sink(queue))
+    }
+
     /// The current status.
     pub fn status(&self) -> Status {
         self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
@@ -163,5 +183,5 @@ fn now_rfc3339() -> String {
 
 /// The message of a caught panic.
 pub fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
-    worker::panic_message(&*panic)
+    crate::input::panic_message(&*panic)
 }

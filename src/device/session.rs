@@ -12,8 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::worker::{panic_message, Chunk, Worker};
+use super::worker::{Chunk, Worker};
 use super::{DeviceRuntime, SerialPort, State, SupervisorContext};
+use crate::input::panic_message;
 use crate::liveness;
 use crate::telemetry::now_us;
 
