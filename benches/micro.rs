@@ -4,9 +4,7 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use sensorgate::config::{Config, DeviceConfig};
-use sensorgate::decode;
 use sensorgate::decode::Format;
-use sensorgate::framing::Framer;
 use sensorgate::framing::Framing;
 use sensorgate::queue::ReadingQueue;
 use sensorgate::reading::PayloadBuilder;
@@ -41,11 +39,12 @@ fn pipeline(c: &mut Criterion) {
     g.throughput(Throughput::Elements(READINGS));
     for (name, framing, format, spec) in cases {
         let dev = device(framing, format);
+        let settings = dev.stream().expect("a stream device");
         let bytes = stream(spec);
         // As the session delivers them: chunks of up to 4 KiB.
         let chunks: Vec<&[u8]> = bytes.chunks(4096).collect();
         g.bench_function(format!("framing_only/{name}"), |b| {
-            let mut framer = Framer::new(dev.framing, dev.max_frame());
+            let mut framer = settings.framer();
             b.iter(|| {
                 let mut frames = 0;
                 for ch in &chunks {
@@ -55,9 +54,9 @@ fn pipeline(c: &mut Criterion) {
             })
         });
         g.bench_function(format!("framing+decoding+payload/{name}"), |b| {
-            let mut framer = Framer::new(dev.framing, dev.max_frame());
-            let mut decoder = decode::for_format(dev.format(), &dev.channels);
-            let mut builder = PayloadBuilder::new(&dev.name, &dev.channels);
+            let mut framer = settings.framer();
+            let mut decoder = settings.decoder();
+            let mut builder = PayloadBuilder::new(&dev.name, dev.channels());
             let mut seq = 0;
             b.iter(|| {
                 let mut ok = 0;

@@ -7,7 +7,6 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use crate::config::{Config, DeviceConfig, EntityConfig};
-use crate::decode::Format;
 use crate::queue::Control;
 use crate::topics::Topics;
 
@@ -119,10 +118,10 @@ impl Discovery {
 
 /// The device's entities: as configured, or one per named channel for binary devices.
 fn entities(dev: &DeviceConfig) -> Vec<EntityConfig> {
-    if !dev.entities.is_empty() || dev.format() != Format::Postcard {
+    if !dev.entities.is_empty() || !dev.stream().is_some_and(|s| s.format().is_binary()) {
         return dev.entities.clone();
     }
-    dev.channels
+    dev.channels()
         .iter()
         .map(|c| EntityConfig {
             field: c.name.clone(),

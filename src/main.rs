@@ -404,7 +404,7 @@ mod test_hooks {
     use std::time::Duration;
 
     use bytes::BytesMut;
-    use sensorgate::config::DeviceConfig;
+    use sensorgate::config::StreamConfig;
     use sensorgate::decode::{Decode, Decoded};
     use sensorgate::device::DecoderFactory;
     use sensorgate::reject::Reject;
@@ -430,9 +430,9 @@ mod test_hooks {
         };
         tracing::warn!(device, ?delay, "{VAR} is set: this device's decoder is slowed down on purpose (tests only).");
         let device = device.to_string();
-        std::sync::Arc::new(move |dev: &DeviceConfig| -> Box<dyn Decode> {
-            let inner = production(dev);
-            if dev.name == device {
+        std::sync::Arc::new(move |name: &str, stream: &StreamConfig| -> Box<dyn Decode> {
+            let inner = production(name, stream);
+            if name == device {
                 Box::new(Slow { inner, delay })
             } else {
                 inner

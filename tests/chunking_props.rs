@@ -10,7 +10,6 @@ use proptest::sample::Index;
 use proptest::test_runner::FileFailurePersistence;
 use sensorgate::config::{Config, DeviceConfig};
 use sensorgate::decode::Format;
-use sensorgate::framing::Framer;
 use sensorgate::framing::Framing;
 use sensorgate::reject::Reject;
 use sensorgate::simulate::SimSpec;
@@ -204,7 +203,7 @@ impl Outcome {
 
 fn feed(devs: &[DeviceConfig], chunks: &[&[u8]]) -> Outcome {
     // Devices of one test share framing and cap: one framer shows what every device's cuts.
-    let mut framer = Framer::new(devs[0].framing, devs[0].max_frame());
+    let mut framer = devs[0].stream().expect("stream devices").framer();
     let mut frames = Vec::new();
     for c in chunks {
         framer.push(c, |f| frames.push(f.map(<[u8]>::to_vec)));

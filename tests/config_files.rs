@@ -18,7 +18,7 @@ fn minimal() -> Config {
 fn example_config_is_valid() {
     let c = example();
     assert_eq!(c.devices.len(), 3);
-    assert_eq!(c.devices[2].channels.len(), 3);
+    assert_eq!(c.devices[2].channels().len(), 3);
 }
 
 #[test]
@@ -36,5 +36,8 @@ fn example_config_shows_the_real_defaults() {
         (ed.baud, ed.data_bits, ed.parity, ed.stop_bits, ed.flow_control, ed.idle_timeout, ed.open_timeout),
         (md.baud, md.data_bits, md.parity, md.stop_bits, md.flow_control, md.idle_timeout, md.open_timeout)
     );
-    assert_eq!((ed.format(), ed.max_frame()), (md.format(), md.max_frame()));
+    assert_eq!(
+        (ed.stream().unwrap().format(), ed.stream().unwrap().max_frame()),
+        (md.stream().unwrap().format(), md.stream().unwrap().max_frame())
+    );
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::{json_lines as lines, n, write_all, Mosquitto, Subscriber};
 use sensorgate::app::{self, Hooks};
-use sensorgate::config::{Config, DeviceConfig};
-use sensorgate::decode::{self, Decode, Decoded};
+use sensorgate::config::{Config, DeviceConfig, StreamConfig};
+use sensorgate::decode::{Decode, Decoded};
 use sensorgate::device::{PortOpener, SerialOpener, SerialPort};
 use sensorgate::reject::Reject;
 use sensorgate::simulate::PtyLink;
@@ -53,9 +53,9 @@ async fn a_decoder_panic_restarts_only_its_device() {
     let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
     let (p, q) = (dir.path().join("p"), dir.path().join("q"));
     let (mut pty_p, mut pty_q) = (PtyLink::create(&p).unwrap(), PtyLink::create(&q).unwrap());
-    let decoders = Arc::new(|dev: &DeviceConfig| -> Box<dyn Decode> {
-        let inner = decode::for_format(dev.format(), &dev.channels);
-        if dev.name == "p" {
+    let decoders = Arc::new(|name: &str, stream: &StreamConfig| -> Box<dyn Decode> {
+        let inner = stream.decoder();
+        if name == "p" {
             Box::new(PanicsOnBoom(inner))
         } else {
             inner

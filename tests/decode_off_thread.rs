@@ -10,9 +10,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::{write_all, Mosquitto, Subscriber};
 use sensorgate::app::{self, Hooks};
-use sensorgate::config::{Config, DeviceConfig};
+use sensorgate::config::{Config, StreamConfig};
 use sensorgate::decode::Format;
-use sensorgate::decode::{self, Decode, Decoded};
+use sensorgate::decode::{Decode, Decoded};
 use sensorgate::framing::Framing;
 use sensorgate::reject::Reject;
 use sensorgate::simulate::{PtyLink, SimSpec};
@@ -54,9 +54,9 @@ async fn a_slow_decoder_does_not_delay_other_devices() {
 
     let threads = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&threads);
-    let decoders = Arc::new(move |dev: &DeviceConfig| -> Box<dyn Decode> {
-        let inner = decode::for_format(dev.format(), &dev.channels);
-        if dev.name == "slow" {
+    let decoders = Arc::new(move |name: &str, stream: &StreamConfig| -> Box<dyn Decode> {
+        let inner = stream.decoder();
+        if name == "slow" {
             Box::new(Slow { inner, threads: Arc::clone(&seen) })
         } else {
             inner

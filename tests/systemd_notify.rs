@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use common::{write_all, Mosquitto};
 use sensorgate::app::{self, Hooks};
-use sensorgate::config::{Config, DeviceConfig};
+use sensorgate::config::{Config, StreamConfig};
 use sensorgate::decode::Format;
-use sensorgate::decode::{self, Decode, Decoded};
+use sensorgate::decode::{Decode, Decoded};
 use sensorgate::framing::Framing;
 use sensorgate::reject::Reject;
 use sensorgate::simulate::{PtyLink, SimSpec};
@@ -90,9 +90,9 @@ async fn notifies_ready_feeds_the_watchdog_only_while_the_pipeline_moves_and_say
     let hold = Arc::new(AtomicBool::new(true));
     let decoders = {
         let hold = Arc::clone(&hold);
-        Arc::new(move |dev: &DeviceConfig| -> Box<dyn Decode> {
-            let inner = decode::for_format(dev.format(), &dev.channels);
-            if dev.name == "stuck" {
+        Arc::new(move |name: &str, stream: &StreamConfig| -> Box<dyn Decode> {
+            let inner = stream.decoder();
+            if name == "stuck" {
                 Box::new(Hangs { inner, hold: Arc::clone(&hold) })
             } else {
                 inner

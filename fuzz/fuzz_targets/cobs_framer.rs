@@ -6,7 +6,6 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sensorgate::decode;
 use sensorgate_fuzz::{check_payload, cobs_device, frames, TestDevice, RECEIVED_AT_US};
 use sensorgate_wire::{decode_body, Value as Wire, CRC};
 use serde_json::Value;
@@ -18,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let device = TestDevice::new(dev);
     // The reading sink every input ends in, fed the decoder's fields of each body.
     let mut sink = device.sink();
-    let mut decoder = decode::for_format(dev.format(), &dev.channels);
+    let mut decoder = dev.stream().expect("a stream device").decoder();
     let mut seq = 0u64;
     for frame in frames.iter().flatten() {
         // An empty body is possible (0x01 0x00 is COBS for zero bytes); the decoder rejects it.
@@ -36,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(fields.len(), reading.channels.len(), "{fields:?} vs {reading:?}");
             for ch in &reading.channels {
                 let name = dev
-                    .channels
+                    .channels()
                     .iter()
                     .find(|c| c.id == ch.id)
                     .map_or_else(|| format!("ch{}", ch.id), |c| c.name.clone());

@@ -5,8 +5,6 @@
 
 use libfuzzer_sys::fuzz_target;
 use sensorgate::config::Config;
-use sensorgate::decode;
-use sensorgate::framing::Framer;
 use sensorgate_fuzz::TestDevice;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,9 +15,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(!c.devices.is_empty());
             let _ = c.client_id();
             for d in &c.devices {
-                assert!((16..=65536).contains(&d.max_frame()));
-                let _ = Framer::new(d.framing, d.max_frame());
-                let _ = decode::for_format(d.format(), &d.channels);
+                let stream = d.stream().expect("every [[device]] is a stream input");
+                assert!((16..=65536).contains(&stream.max_frame()));
+                let _ = stream.framer();
+                let _ = stream.decoder();
                 let _ = TestDevice::new(d).sink();
             }
         }

@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
             };
             seq += 1;
             let fields = check_payload(dev, payload, seq, None);
-            match dev.format() {
+            match dev.stream().expect("a stream device").format() {
                 // Passed through unchanged: the same members as the frame itself.
                 sensorgate::decode::Format::Json => {
                     let sent: Value = serde_json::from_slice(frame).expect("accepted frame is JSON");

@@ -4,8 +4,7 @@
 
 use std::sync::OnceLock;
 
-use sensorgate::config::{Config, DeviceConfig};
-use sensorgate::framing::Framer;
+use sensorgate::config::{Config, DeviceConfig, StreamConfig};
 use sensorgate::payload::RESERVED_KEY;
 use sensorgate::reject::Reject;
 use serde_json::Value;
@@ -83,18 +82,20 @@ pub type FrameOut = Result<Vec<u8>, Reject>;
 /// `ctl[0]` is the largest chunk (0: the whole stream in one chunk), `ctl[1]` seeds the
 /// chunk lengths, so the fuzzer controls where the boundaries fall.
 pub fn frames(dev: &DeviceConfig, ctl: [u8; 2], stream: &[u8]) -> Vec<FrameOut> {
-    let whole = feed(dev, std::iter::once(stream));
-    let chunked = feed(dev, Chunks::new(ctl, stream));
+    let settings = dev.stream().expect("a stream device");
+    let whole = feed(settings, std::iter::once(stream));
+    let chunked = feed(settings, Chunks::new(ctl, stream));
     assert_eq!(chunked.0, whole.0, "chunking changed the frames (ctl {ctl:?})");
     assert_eq!(chunked.1, whole.1, "chunking changed has_partial (ctl {ctl:?})");
     for f in chunked.0.iter().flatten() {
-        assert!(f.len() <= dev.max_frame(), "frame of {} bytes passed max_frame {}", f.len(), dev.max_frame());
+        let max = settings.max_frame();
+        assert!(f.len() <= max, "frame of {} bytes passed max_frame {max}", f.len());
     }
     chunked.0
 }
 
-fn feed<'a>(dev: &DeviceConfig, chunks: impl Iterator<Item = &'a [u8]>) -> (Vec<FrameOut>, bool) {
-    let mut framer = Framer::new(dev.framing, dev.max_frame());
+fn feed<'a>(settings: &StreamConfig, chunks: impl Iterator<Item = &'a [u8]>) -> (Vec<FrameOut>, bool) {
+    let mut framer = settings.framer();
     let mut out = Vec::new();
     for c in chunks {
         framer.push(c, |f| out.push(f.map(<[u8]>::to_vec)));
@@ -150,7 +151,7 @@ pub fn check_payload(
     assert_eq!(gw.get("received_at_us").and_then(Value::as_u64), Some(RECEIVED_AT_US), "{gw:?}");
     assert_eq!(gw.get("sensor_seq").and_then(Value::as_u64), sensor_seq.map(u64::from), "{gw:?}");
     let units: serde_json::Map<String, Value> =
-        dev.channels.iter().filter_map(|c| Some((c.name.clone(), Value::String(c.unit.clone()?)))).collect();
+        dev.channels().iter().filter_map(|c| Some((c.name.clone(), Value::String(c.unit.clone()?)))).collect();
     match gw.get("units") {
         None => assert!(units.is_empty(), "units missing: {gw:?}"),
         Some(Value::Object(u)) => assert_eq!(u, &units),

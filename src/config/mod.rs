@@ -17,8 +17,8 @@ use serde::Deserialize;
 
 use self::units::{de_duration, de_opt_duration, de_opt_size, de_size};
 use crate::command::Command;
-use crate::decode::{Channel, Format};
-use crate::framing::Framing;
+use crate::decode::{Channel, Decode, Format};
+use crate::framing::{Framer, Framing};
 
 /// The whole gateway configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -306,40 +306,143 @@ impl Default for QueueConfig {
     }
 }
 
+/// One device: its name in topics, its serial port, and the input that makes readings of
+/// what the port carries. A `[[device]]` table is a stream input (see [`StreamDeviceToml`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "StreamDeviceToml")]
 pub struct DeviceConfig {
     /// Used in topics and logs.
     pub name: String,
     /// Prefer `/dev/serial/by-id/...`: it survives re-enumeration after an unplug.
     pub path: PathBuf,
-    #[serde(default = "d_baud")]
     pub baud: u32,
-    #[serde(default = "d_data_bits")]
     pub data_bits: u8,
-    #[serde(default)]
     pub parity: Parity,
-    #[serde(default = "d_stop_bits")]
     pub stop_bits: u8,
-    #[serde(default)]
     pub flow_control: FlowControl,
+    /// No bytes for this long: the device is stale and its port is reopened.
+    pub idle_timeout: Duration,
+    pub open_timeout: Duration,
+    /// How the device's data becomes readings.
+    pub input: Input,
+    /// Home Assistant sensor entities made from this device's reading fields.
+    pub entities: Vec<EntityConfig>,
+}
+
+/// The kinds of input. A new kind is a variant here, its checks in `validate.rs` and its
+/// session in `device::session`; the compiler points at every other place that must choose.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Listening: the port's byte stream is cut into frames and each frame decoded.
+    Stream(StreamConfig),
+}
+
+/// A stream input: framing, format and the names of binary channels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamConfig {
     pub framing: Framing,
-    /// Defaults to `json` for lines and `postcard` for cobs.
+    /// Defaults to the framing's default (`json` for lines, `postcard` for cobs).
     pub format: Option<Format>,
     /// Longest frame accepted; longer ones are discarded up to the next delimiter and counted.
-    #[serde(default, deserialize_with = "de_opt_size")]
     pub max_frame: Option<u64>,
+    /// Names and units for the numbered channels of binary (postcard) frames.
+    pub channels: Vec<Channel>,
+}
+
+impl StreamConfig {
+    /// The format after applying the framing's default.
+    pub fn format(&self) -> Format {
+        self.format.unwrap_or(self.framing.default_format())
+    }
+
+    /// The frame cap after applying the framing's default.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame.map_or(self.framing.default_max_frame(), |n| n as usize)
+    }
+
+    /// A framer for this stream.
+    pub fn framer(&self) -> Framer {
+        Framer::new(self.framing, self.max_frame())
+    }
+
+    /// The decoder of this stream's format.
+    pub fn decoder(&self) -> Box<dyn Decode> {
+        crate::decode::for_format(self.format(), &self.channels)
+    }
+}
+
+impl DeviceConfig {
+    /// The stream input's settings, if the device is one.
+    pub fn stream(&self) -> Option<&StreamConfig> {
+        match &self.input {
+            Input::Stream(s) => Some(s),
+        }
+    }
+
+    /// Names and units of the numbered fields of this device's readings (none: fields name
+    /// themselves).
+    pub fn channels(&self) -> &[Channel] {
+        match &self.input {
+            Input::Stream(s) => &s.channels,
+        }
+    }
+}
+
+/// A `[[device]]` table as written: a serial port and a stream input, flat.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamDeviceToml {
+    /// Used in topics and logs.
+    name: String,
+    /// Prefer `/dev/serial/by-id/...`: it survives re-enumeration after an unplug.
+    path: PathBuf,
+    #[serde(default = "d_baud")]
+    baud: u32,
+    #[serde(default = "d_data_bits")]
+    data_bits: u8,
+    #[serde(default)]
+    parity: Parity,
+    #[serde(default = "d_stop_bits")]
+    stop_bits: u8,
+    #[serde(default)]
+    flow_control: FlowControl,
+    framing: Framing,
+    /// Defaults to `json` for lines and `postcard` for cobs.
+    format: Option<Format>,
+    /// Longest frame accepted; longer ones are discarded up to the next delimiter and counted.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    max_frame: Option<u64>,
     /// No bytes for this long: the device is stale and its port is reopened.
     #[serde(default = "d_idle_timeout", deserialize_with = "de_duration")]
-    pub idle_timeout: Duration,
+    idle_timeout: Duration,
     #[serde(default = "d_open_timeout", deserialize_with = "de_duration")]
-    pub open_timeout: Duration,
+    open_timeout: Duration,
     /// Names and units for the numbered channels of binary (postcard) frames.
     #[serde(default, rename = "channel")]
-    pub channels: Vec<Channel>,
+    channels: Vec<Channel>,
     /// Home Assistant sensor entities made from this device's reading fields.
     #[serde(default, rename = "entity")]
-    pub entities: Vec<EntityConfig>,
+    entities: Vec<EntityConfig>,
+}
+
+impl From<StreamDeviceToml> for DeviceConfig {
+    fn from(t: StreamDeviceToml) -> Self {
+        let stream =
+            StreamConfig { framing: t.framing, format: t.format, max_frame: t.max_frame, channels: t.channels };
+        Self {
+            name: t.name,
+            path: t.path,
+            baud: t.baud,
+            data_bits: t.data_bits,
+            parity: t.parity,
+            stop_bits: t.stop_bits,
+            flow_control: t.flow_control,
+            idle_timeout: t.idle_timeout,
+            open_timeout: t.open_timeout,
+            input: Input::Stream(stream),
+            entities: t.entities,
+        }
+    }
 }
 
 /// One Home Assistant sensor entity: a field of the device's readings.
@@ -355,18 +458,6 @@ pub struct EntityConfig {
     pub device_class: Option<String>,
     /// "measurement", "total" or "total_increasing".
     pub state_class: Option<String>,
-}
-
-impl DeviceConfig {
-    /// The format after applying the framing's default.
-    pub fn format(&self) -> Format {
-        self.format.unwrap_or(self.framing.default_format())
-    }
-
-    /// The frame cap after applying the framing's default.
-    pub fn max_frame(&self) -> usize {
-        self.max_frame.map_or(self.framing.default_max_frame(), |n| n as usize)
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -17,8 +17,8 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.mqtt.topic_prefix, "sensorgate");
     assert_eq!(c.queue.max_readings.get(), 10_000);
     assert_eq!(c.queue.max_bytes, 8 * 1024 * 1024);
-    assert_eq!(c.devices[0].format(), Format::Json);
-    assert_eq!(c.devices[0].max_frame(), 1024);
+    assert_eq!(c.devices[0].stream().unwrap().format(), Format::Json);
+    assert_eq!(c.devices[0].stream().unwrap().max_frame(), 1024);
     assert_eq!(c.devices[0].idle_timeout, Duration::from_secs(30));
     assert_eq!(c.client_id(), "sensorgate-gw");
 }
@@ -73,7 +73,7 @@ fn sizes_accept_units_and_plain_numbers() {
     let text = MINIMAL.replace("framing = \"lines\"", "framing = \"lines\"\nmax_frame = \"2KiB\"")
         + "[queue]\nmax_bytes = 65536\n";
     let c = Config::from_toml(&text).unwrap();
-    assert_eq!(c.devices[0].max_frame(), 2048);
+    assert_eq!(c.devices[0].stream().unwrap().max_frame(), 2048);
     assert_eq!(c.queue.max_bytes, 65536);
 }
 

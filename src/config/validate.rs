@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use super::{Config, DeviceConfig, Format, Framing, MqttConfig, Problem};
+use super::{Config, DeviceConfig, Input, MqttConfig, Problem, StreamConfig};
 use crate::command::Command;
+use crate::framing::Framing;
 use crate::payload::RESERVED_KEY;
 
 /// `mqtt.max_packet_size` bounds: below 128 bytes no reading fits beside its topic; above is
@@ -247,46 +248,17 @@ impl Config {
         if !(1..=2).contains(&d.stop_bits) {
             p.push(Problem::new(k("stop_bits"), "must be 1 or 2", "remove it to use 1"));
         }
-        let (framing, format) = (d.framing, d.format());
-        if !framing.carries(format) {
-            let carrier = Framing::for_format(format);
-            let kind = if format.is_binary() { "is binary" } else { "is a text format" };
-            let formats: Vec<String> = framing.formats().iter().map(|f| format!("{:?}", f.as_str())).collect();
-            p.push(Problem::new(
-                k("format"),
-                format!("{:?} {kind} and needs framing = {:?}", format.as_str(), carrier.as_str()),
-                format!(
-                    "use format = {} with {} (default {:?}), or framing = {:?}",
-                    formats.join(" or "),
-                    framing.as_str(),
-                    framing.default_format().as_str(),
-                    carrier.as_str()
-                ),
-            ));
-        }
-        let max = d.max_frame();
-        if !(16..=65536).contains(&max) {
-            p.push(Problem::new(k("max_frame"), "must be between 16 bytes and 64KiB", "use e.g. \"1KiB\""));
-        } else if max as u64 > self.queue.max_bytes / 4 {
-            p.push(Problem::new(
-                k("max_frame"),
-                "is larger than a quarter of queue.max_bytes",
-                "lower max_frame or raise queue.max_bytes",
-            ));
-        }
         if d.idle_timeout < Duration::from_millis(100) {
             p.push(Problem::new(k("idle_timeout"), "must be at least 100ms", "use e.g. \"30s\""));
         }
         if d.open_timeout < Duration::from_millis(100) {
             p.push(Problem::new(k("open_timeout"), "must be at least 100ms", "use e.g. \"5s\""));
         }
-        if !d.channels.is_empty() && d.format() != Format::Postcard {
-            p.push(Problem::new(
-                k("channel"),
-                "channel names only apply to binary (postcard) frames",
-                "remove the [[device.channel]] tables, text formats name their own fields",
-            ));
+        match &d.input {
+            Input::Stream(stream) => self.validate_stream(p, i, stream),
         }
+        // Fields of binary frames are named by channels; text formats name their own.
+        let binary = d.stream().is_some_and(|s| s.format().is_binary());
         for (e, ent) in d.entities.iter().enumerate() {
             let key = |f: &str| format!("device[{i}].entity[{e}].{f}");
             if ent.field.is_empty() || ent.field == RESERVED_KEY {
@@ -297,7 +269,7 @@ impl Config {
                 ));
             }
             let unnamed_channel = ent.field.strip_prefix("ch").and_then(|n| n.parse::<u8>().ok()).is_some();
-            if d.format() == Format::Postcard && !unnamed_channel && !d.channels.iter().any(|c| c.name == ent.field) {
+            if binary && !unnamed_channel && !d.channels().iter().any(|c| c.name == ent.field) {
                 p.push(Problem::new(
                     key("field"),
                     format!("{:?} is not a channel of this binary device", ent.field),
@@ -321,7 +293,46 @@ impl Config {
                 }
             }
         }
-        for (c, ch) in d.channels.iter().enumerate() {
+    }
+
+    /// The `[[device]]` keys of a stream input: framing, format, frame cap, channels.
+    fn validate_stream(&self, p: &mut Vec<Problem>, i: usize, s: &StreamConfig) {
+        let k = |field: &str| format!("device[{i}].{field}");
+        let (framing, format) = (s.framing, s.format());
+        if !framing.carries(format) {
+            let carrier = Framing::for_format(format);
+            let kind = if format.is_binary() { "is binary" } else { "is a text format" };
+            let formats: Vec<String> = framing.formats().iter().map(|f| format!("{:?}", f.as_str())).collect();
+            p.push(Problem::new(
+                k("format"),
+                format!("{:?} {kind} and needs framing = {:?}", format.as_str(), carrier.as_str()),
+                format!(
+                    "use format = {} with {} (default {:?}), or framing = {:?}",
+                    formats.join(" or "),
+                    framing.as_str(),
+                    framing.default_format().as_str(),
+                    carrier.as_str()
+                ),
+            ));
+        }
+        let max = s.max_frame();
+        if !(16..=65536).contains(&max) {
+            p.push(Problem::new(k("max_frame"), "must be between 16 bytes and 64KiB", "use e.g. \"1KiB\""));
+        } else if max as u64 > self.queue.max_bytes / 4 {
+            p.push(Problem::new(
+                k("max_frame"),
+                "is larger than a quarter of queue.max_bytes",
+                "lower max_frame or raise queue.max_bytes",
+            ));
+        }
+        if !s.channels.is_empty() && !s.format().is_binary() {
+            p.push(Problem::new(
+                k("channel"),
+                "channel names only apply to binary (postcard) frames",
+                "remove the [[device.channel]] tables, text formats name their own fields",
+            ));
+        }
+        for (c, ch) in s.channels.iter().enumerate() {
             if ch.name.is_empty() || ch.name == RESERVED_KEY || ch.name.chars().any(char::is_control) {
                 p.push(Problem::new(
                     format!("device[{i}].channel[{c}].name"),
@@ -329,7 +340,7 @@ impl Config {
                     format!("use a plain name such as \"temperature\" (not empty, not {:?})", RESERVED_KEY),
                 ));
             }
-            if d.channels[..c].iter().any(|o| o.id == ch.id) {
+            if s.channels[..c].iter().any(|o| o.id == ch.id) {
                 p.push(Problem::new(
                     format!("device[{i}].channel[{c}].id"),
                     format!("channel id {} is listed twice", ch.id),
@@ -344,7 +355,7 @@ impl Config {
                     "choose a name that is not ch<number> of another channel",
                 ));
             }
-            if d.channels[..c].iter().any(|o| o.name == ch.name) {
+            if s.channels[..c].iter().any(|o| o.name == ch.name) {
                 p.push(Problem::new(
                     format!("device[{i}].channel[{c}].name"),
                     format!("channel name {:?} is used twice", ch.name),

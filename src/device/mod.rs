@@ -15,20 +15,20 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::config::DeviceConfig;
+use crate::config::{DeviceConfig, StreamConfig};
 use crate::decode::Decode;
-use crate::framing::Framer;
 use crate::input::{ReadingSink, SinkTarget, StreamInput};
 use crate::queue::{Control, ReadingQueue};
 use crate::reading::PacketLimit;
 use crate::telemetry::DeviceCounters;
 
-/// Makes a device's decoder; the seam where tests put a slow or panicking one.
-pub type DecoderFactory = Arc<dyn Fn(&DeviceConfig) -> Box<dyn Decode> + Send + Sync>;
+/// Makes the decoder of a stream device (by name, with its stream settings); the seam where
+/// tests put a slow or panicking one.
+pub type DecoderFactory = Arc<dyn Fn(&str, &StreamConfig) -> Box<dyn Decode> + Send + Sync>;
 
 /// The production decoders.
 pub fn default_decoders() -> DecoderFactory {
-    Arc::new(|dev: &DeviceConfig| crate::decode::for_format(dev.format(), &dev.channels))
+    Arc::new(|_: &str, stream: &StreamConfig| stream.decoder())
 }
 
 /// Supervisor states (contract: the `state` field of the device state topic).
@@ -114,14 +114,19 @@ impl DeviceRuntime {
             counters: Arc::clone(&self.counters),
             packet_limit: self.packet_limit.clone(),
         };
-        ReadingSink::new(self.name(), &self.config.channels, to)
+        ReadingSink::new(self.name(), self.config.channels(), to)
     }
 
-    /// The sans-IO stream input of this device: its framer, a decoder from `decoders`, its sink.
-    pub fn stream_input(&self, queue: &Arc<ReadingQueue>, decoders: &DecoderFactory) -> StreamInput {
-        let (decoders, config) = (Arc::clone(decoders), self.config.clone());
-        let framer = Framer::new(self.config.framing, self.config.max_frame());
-        StreamInput::new(framer, Box::new(move || decoders(&config)), self.sink(queue))
+    /// The sans-IO input of this device's `stream`: its framer, a decoder from `decoders`,
+    /// its sink.
+    pub fn stream_input(
+        &self,
+        stream: &StreamConfig,
+        queue: &Arc<ReadingQueue>,
+        decoders: &DecoderFactory,
+    ) -> StreamInput {
+        let (decoders, name, settings) = (Arc::clone(decoders), self.name().to_string(), stream.clone());
+        StreamInput::new(stream.framer(), Box::new(move || decoders(&name, &settings)), self.sink(queue))
     }
 
     /// The current status.

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::worker::{Chunk, Worker};
 use super::{DeviceRuntime, SerialPort, State, SupervisorContext};
+use crate::config::{Input, StreamConfig};
 use crate::input::panic_message;
 use crate::liveness;
 use crate::telemetry::now_us;
@@ -50,10 +51,24 @@ pub enum SessionEnd {
     Requested,
 }
 
-/// Runs one session on an open port. With `up_on_data` (a reopen after silence) the device is
-/// reported `up` only once bytes arrive again; until then it stays `stale`.
+/// Runs one session of the device's input on its open port. With `up_on_data` (a reopen
+/// after silence) the device is reported `up` only once bytes arrive again; until then it
+/// stays `stale`.
 pub async fn run(
+    port: SerialPort,
+    ctx: &SupervisorContext,
+    dev_cancel: &CancellationToken,
+    up_on_data: bool,
+) -> SessionEnd {
+    match &ctx.dev.config.input {
+        Input::Stream(stream) => run_stream(port, stream, ctx, dev_cancel, up_on_data).await,
+    }
+}
+
+/// A stream session: reads the port, its decode thread feeds the stream input.
+async fn run_stream(
     mut port: SerialPort,
+    stream: &StreamConfig,
     ctx: &SupervisorContext,
     dev_cancel: &CancellationToken,
     mut up_on_data: bool,
@@ -63,6 +78,7 @@ pub async fn run(
     let (panic_tx, mut panic_rx) = oneshot::channel();
     let worker = Worker {
         dev: Arc::clone(dev),
+        stream: stream.clone(),
         queue: Arc::clone(&ctx.queue),
         decoders: Arc::clone(&ctx.decoders),
         panicked: Some(panic_tx),

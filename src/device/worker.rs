@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DecoderFactory, DeviceRuntime};
+use crate::config::StreamConfig;
 use crate::queue::ReadingQueue;
 
 /// A chunk read from the port and when it was read (µs since the epoch).
@@ -16,6 +17,7 @@ pub(crate) type Chunk = (Bytes, u64);
 
 pub(crate) struct Worker {
     pub dev: Arc<DeviceRuntime>,
+    pub stream: StreamConfig,
     pub queue: Arc<ReadingQueue>,
     pub decoders: DecoderFactory,
     /// Fired once, at the first decoder panic: the session then ends and is restarted.
@@ -25,7 +27,7 @@ pub(crate) struct Worker {
 impl Worker {
     /// Runs until the session drops its sender, then returns after the last chunk.
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Chunk>) {
-        let mut input = self.dev.stream_input(&self.queue, &self.decoders);
+        let mut input = self.dev.stream_input(&self.stream, &self.queue, &self.decoders);
         while let Some((chunk, received_at_us)) = rx.blocking_recv() {
             input.push(&chunk, received_at_us, |_| {});
             if let Some(msg) = input.take_panic() {

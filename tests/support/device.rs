@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use sensorgate::config::DeviceConfig;
+use sensorgate::config::{DeviceConfig, StreamConfig};
 use sensorgate::device::{default_decoders, DeviceRuntime};
 use sensorgate::input::ReadingSink;
 use sensorgate::queue::{Outbound, ReadingQueue};
@@ -16,6 +16,7 @@ use sensorgate::reject::Reject;
 
 pub struct TestDevice {
     runtime: DeviceRuntime,
+    stream: StreamConfig,
     queue: Arc<ReadingQueue>,
 }
 
@@ -23,7 +24,8 @@ impl TestDevice {
     /// No bound is reached: the queue and the packet limit take everything.
     pub fn new(dev: &DeviceConfig) -> Self {
         let queue = Arc::new(ReadingQueue::new(1, usize::MAX, usize::MAX, None, 1));
-        Self { runtime: DeviceRuntime::new(0, dev.clone(), String::new(), PacketLimit::new(usize::MAX)), queue }
+        let stream = dev.stream().expect("a stream device").clone();
+        Self { runtime: DeviceRuntime::new(0, dev.clone(), String::new(), PacketLimit::new(usize::MAX)), stream, queue }
     }
 
     /// The device's reading sink.
@@ -39,7 +41,7 @@ impl TestDevice {
         chunks: impl IntoIterator<Item = &'a [u8]>,
         received_at_us: u64,
     ) -> Vec<Result<Vec<u8>, Reject>> {
-        let mut input = self.runtime.stream_input(&self.queue, &default_decoders());
+        let mut input = self.runtime.stream_input(&self.stream, &self.queue, &default_decoders());
         let mut outcomes = Vec::new();
         for c in chunks {
             input.push(c, received_at_us, |o| outcomes.push(o));
