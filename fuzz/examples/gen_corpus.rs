@@ -10,8 +10,7 @@
 use std::path::Path;
 
 use sensorgate::decode::Format;
-use sensorgate::framing::CobsFramer;
-use sensorgate::framing::Framing;
+use sensorgate::framing::{CobsFramer, Framing};
 use sensorgate::simulate::SimSpec;
 use sensorgate_wire::{encode_frame, Channel, ReadingV1, Value, CRC, MAX_FRAME_LEN};
 
