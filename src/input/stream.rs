@@ -62,11 +62,6 @@ impl StreamInput {
         self.panic.take()
     }
 
-    /// True while part of a frame is held (ending now would cut it off).
-    pub fn has_partial(&self) -> bool {
-        self.framer.has_partial()
-    }
-
     /// The stream is over: a frame begun will never be finished (counted as
     /// [`Reject::Truncated`]), held-back log lines are written.
     pub fn end(mut self) {
