@@ -5,6 +5,13 @@
 //! `cargo bench --bench e2e` runs the default scenarios; `SG_BENCH=quick` runs a short set,
 //! `SG_BENCH=overload` only the 16-port as-fast-as-possible one (peak RSS under overload).
 //! Figures depend on the machine: README lists the ones measured here.
+//!
+//! Each rated scenario runs twice: through the gateway and through the **floor**, a minimal
+//! forwarder measured in the same run (this bench binary started again as a child process: one
+//! thread, no decoding, no queue, each line written to the broker unchanged as a QoS 0
+//! PUBLISH, one socket write per batch of ready lines). Machines here differ 2-3x from day to
+//! day; the ratio to the floor does not. Sensors either send a burst every 10 ms (`burst`) or
+//! one reading per write, evenly paced (`paced`), as an on-board UART delivers them.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -14,6 +21,7 @@ use std::time::{Duration, Instant};
 use common::{cpu_seconds, memory_mib, Gateway, Mosquitto, Subscriber};
 use sensorgate::decode::Format;
 use sensorgate::framing::Framing;
+use sensorgate::mqtt::codec::{self, ConnectSpec, PublishMeta, Version};
 use sensorgate::simulate::{PtyLink, SimSpec};
 use tokio::io::AsyncWriteExt;
 
@@ -26,30 +34,136 @@ struct Scenario {
     rate: u32,
     /// Readings per port.
     count: u64,
+    /// One reading per write, evenly paced (else a burst every 10 ms).
+    paced: bool,
+    /// The minimal forwarder instead of the gateway.
+    floor: bool,
 }
+
+/// Set in the child process that runs the floor: `<broker port>;<pty path>,<pty path>…`.
+const FLOOR_ENV: &str = "SG_BENCH_FLOOR";
 
 const JSON: SimSpec = SimSpec { framing: Framing::Lines, format: Format::Json };
 const COBS: SimSpec = SimSpec { framing: Framing::Cobs, format: Format::Postcard };
 
 fn scenarios() -> Vec<Scenario> {
     let quick = std::env::var("SG_BENCH").is_ok_and(|v| v == "quick");
-    let s = |devices, spec, qos, rate, count| Scenario { devices, spec, qos, rate, count };
-    if quick {
-        return vec![s(4, JSON, 1, 0, 20_000), s(16, JSON, 0, 1000, 5_000)];
+    let s = |devices, spec, qos, rate, count| Scenario { devices, spec, qos, rate, count, paced: false, floor: false };
+    // The gateway, then the floor under the same load (QoS 0 JSON lines only: the floor
+    // forwards lines unchanged and never waits for an ack).
+    let with_floor = |sc: Scenario| {
+        let floor = sc.qos == 0 && sc.spec.format == Format::Json;
+        std::iter::once(sc).chain(floor.then_some(Scenario { floor: true, ..sc }))
+    };
+    let paced = |sc: Scenario| Scenario { paced: true, ..sc };
+    let list = if quick {
+        vec![s(4, JSON, 1, 0, 20_000), s(16, JSON, 0, 1000, 5_000), paced(s(16, JSON, 0, 1000, 5_000))]
+    } else if std::env::var("SG_BENCH").is_ok_and(|v| v == "overload") {
+        vec![s(16, JSON, 0, 0, 12_500)]
+    } else {
+        vec![
+            s(1, JSON, 0, 0, 200_000),
+            s(4, JSON, 0, 0, 50_000),
+            s(4, JSON, 1, 0, 50_000),
+            s(4, COBS, 1, 0, 50_000),
+            s(16, JSON, 0, 0, 12_500),
+            s(16, JSON, 0, 1000, 10_000),
+            paced(s(16, JSON, 0, 1000, 10_000)),
+            s(16, JSON, 1, 1000, 10_000),
+            paced(s(16, JSON, 1, 1000, 10_000)),
+            s(16, COBS, 0, 1000, 10_000),
+        ]
+    };
+    list.into_iter().flat_map(with_floor).collect()
+}
+
+/// The process under test: the gateway, or the floor forwarder started as a child.
+enum Subject {
+    Gateway(Gateway),
+    Floor(std::process::Child),
+}
+
+impl Subject {
+    fn pid(&self) -> i32 {
+        match self {
+            Subject::Gateway(g) => g.pid(),
+            Subject::Floor(c) => c.id() as i32,
+        }
     }
-    if std::env::var("SG_BENCH").is_ok_and(|v| v == "overload") {
-        return vec![s(16, JSON, 0, 0, 12_500)];
+}
+
+/// Writes `count` readings, one per write, one every `1/rate` s (late ticks catch up, so the
+/// rate holds on average).
+async fn paced_writer(spec: SimSpec, port: &mut tokio_serial::SerialStream, rate: u32, count: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    let mut buf = Vec::with_capacity(256);
+    for n in 0..count {
+        tick.tick().await;
+        buf.clear();
+        spec.render(n, common::now_us(), &mut buf);
+        port.write_all(&buf).await.unwrap();
     }
-    vec![
-        s(1, JSON, 0, 0, 200_000),
-        s(4, JSON, 0, 0, 50_000),
-        s(4, JSON, 1, 0, 50_000),
-        s(4, COBS, 1, 0, 50_000),
-        s(16, JSON, 0, 0, 12_500),
-        s(16, JSON, 0, 1000, 10_000),
-        s(16, JSON, 1, 1000, 10_000),
-        s(16, COBS, 0, 1000, 10_000),
-    ]
+}
+
+/// The floor: one thread reads every port and writes each line, unchanged, to the broker as
+/// a QoS 0 PUBLISH; everything ready is written with one syscall. Runs until killed.
+fn floor_forwarder(arg: &str) {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use tokio::io::AsyncReadExt;
+
+    let (port, paths) = arg.split_once(';').expect("<port>;<paths>");
+    let port: u16 = port.parse().unwrap();
+    let paths: Vec<String> = paths.split(',').map(str::to_string).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let mut b = bytes::BytesMut::new();
+        let spec = ConnectSpec {
+            client_id: "bench-floor",
+            keep_alive_s: 0,
+            login: None,
+            will_topic: "sensorgate/b/floor",
+            will_payload: "offline",
+            receive_max: 64,
+            max_incoming: 4096,
+        };
+        codec::put_connect(&mut b, Version::V311, &spec).unwrap();
+        tcp.write_all(&b).await.unwrap();
+        let mut connack = [0u8; 4];
+        tcp.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "CONNACK");
+        let out = Rc::new(RefCell::new(bytes::BytesMut::with_capacity(64 * 1024)));
+        let ready = Rc::new(tokio::sync::Notify::new());
+        for (i, path) in paths.into_iter().enumerate() {
+            let (out, ready) = (Rc::clone(&out), Rc::clone(&ready));
+            tokio::task::spawn_local(async move {
+                let mut pty = tokio_serial::SerialStream::open(&tokio_serial::new(&path, 115_200)).unwrap();
+                let topic = format!("sensorgate/b/devices/d{i}/readings");
+                let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
+                loop {
+                    if pty.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut out = out.borrow_mut();
+                    while let Some(end) = buf.iter().position(|&c| c == b'\n') {
+                        let line = buf.split_to(end + 1);
+                        let put = |b: &mut bytes::BytesMut| codec::put_str(b, &topic);
+                        let meta = PublishMeta::default();
+                        codec::put_publish(&mut out, Version::V311, meta, &line[..end], usize::MAX, put).unwrap();
+                    }
+                    ready.notify_one();
+                }
+            });
+        }
+        loop {
+            ready.notified().await;
+            let batch = out.borrow_mut().split();
+            tcp.write_all(&batch).await.unwrap();
+        }
+    });
 }
 
 async fn run(sc: Scenario) {
@@ -71,14 +185,29 @@ async fn run(sc: Scenario) {
             link.display()
         );
     }
-    let gw = Gateway::start(dir.path(), &config);
-    let mut up = 0;
-    while up < sc.devices {
-        let (m, _) =
-            sub.wait_for(Duration::from_secs(10), |m| m.topic.ends_with("/state") && m.text().contains("\"up\"")).await;
-        let _ = m;
-        up += 1;
-    }
+    let subject = if sc.floor {
+        let paths: Vec<String> =
+            (0..sc.devices).map(|i| dir.path().join(format!("d{i}")).display().to_string()).collect();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(FLOOR_ENV, format!("{};{}", broker.port, paths.join(",")))
+            .spawn()
+            .expect("start the floor forwarder");
+        // Ready once its ports are open: a reading written now reaches the broker.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Subject::Floor(child)
+    } else {
+        let gw = Gateway::start(dir.path(), &config);
+        let mut up = 0;
+        while up < sc.devices {
+            let (m, _) = sub
+                .wait_for(Duration::from_secs(10), |m| m.topic.ends_with("/state") && m.text().contains("\"up\""))
+                .await;
+            let _ = m;
+            up += 1;
+        }
+        Subject::Gateway(gw)
+    };
+    let gw = &subject;
     let cpu0 = cpu_seconds(gw.pid());
     let broker_pid = broker.pid().expect("broker runs");
     let broker_cpu0 = cpu_seconds(broker_pid);
@@ -95,6 +224,8 @@ async fn run(sc: Scenario) {
                         spec.render(n, stamp, &mut buf);
                     }
                     pty.master.write_all(&buf).await.unwrap();
+                } else if sc.paced {
+                    paced_writer(spec, &mut pty.master, sc.rate, sc.count).await;
                 } else {
                     sensorgate::simulate::run(spec, &mut pty.master, sc.rate, sc.count, 0).await.unwrap();
                 }
@@ -134,15 +265,26 @@ async fn run(sc: Scenario) {
     for w in writers {
         drop(w.await.unwrap());
     }
-    // The gateway's own account (final metrics after SIGTERM): what it dropped on purpose.
-    let mut gw = gw;
-    gw.signal(libc::SIGTERM);
-    let (fin, _) = sub.wait_for(Duration::from_secs(30), |m| m.topic.ends_with("/metrics")).await;
-    let fin = fin.json();
-    let sum =
-        |key: &str| -> u64 { fin["devices"].as_object().unwrap().values().map(|d| d[key].as_u64().unwrap()).sum() };
-    let (dropped, delivered) = (sum("dropped_oldest"), sum("delivered"));
-    gw.wait(Duration::from_secs(30));
+    let (dropped, delivered) = match subject {
+        Subject::Gateway(mut gw) => {
+            // The gateway's own account (final metrics after SIGTERM): what it dropped on purpose.
+            gw.signal(libc::SIGTERM);
+            let (fin, _) = sub.wait_for(Duration::from_secs(30), |m| m.topic.ends_with("/metrics")).await;
+            let fin = fin.json();
+            let sum = |key: &str| -> u64 {
+                fin["devices"].as_object().unwrap().values().map(|d| d[key].as_u64().unwrap()).sum()
+            };
+            let counts = (sum("dropped_oldest"), sum("delivered"));
+            gw.wait(Duration::from_secs(30));
+            counts
+        }
+        // The floor keeps no account: what it lost is what the subscriber did not see.
+        Subject::Floor(mut child) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            (0, got)
+        }
+    };
     latencies.sort_unstable();
     let p = |q: f64| {
         latencies
@@ -150,7 +292,9 @@ async fn run(sc: Scenario) {
             .map_or("-".to_string(), |us| format!("{:.2}", *us as f64 / 1000.0))
     };
     println!(
-        "| {:>2} | {:<5} | {} | {:>10} | {:>9.0} | {:>6} | {:>6} | {:>5} | {:>5} | {:>6} | {:>10.3} | {:>7.1} | {:>4.0} % | {:>4.0} % |",
+        "| {:<7} | {:<6} | {:>2} | {:<5} | {} | {:>10} | {:>9.0} | {:>6} | {:>6} | {:>5} | {:>5} | {:>6} | {:>10.3} | {:>7.1} | {:>4.0} % | {:>4.0} % |",
+        if sc.floor { "floor" } else { "gateway" },
+        if sc.rate == 0 { "-" } else if sc.paced { "paced" } else { "burst" },
         sc.devices,
         framing,
         sc.qos,
@@ -170,12 +314,16 @@ async fn run(sc: Scenario) {
 }
 
 fn main() {
+    if let Ok(arg) = std::env::var(FLOOR_ENV) {
+        floor_forwarder(&arg);
+        return;
+    }
     // `cargo bench` passes --bench; a filter argument is accepted and ignored.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!(
-        "| ports | framing | QoS | rate/port | delivered/s | dropped_oldest (counted) | unaccounted | p50 ms | p99 ms | max ms | CPU s/100k | peak RSS MiB | gateway CPU | broker CPU |"
+        "| subject | sensor | ports | framing | QoS | rate/port | delivered/s | dropped_oldest (counted) | unaccounted | p50 ms | p99 ms | max ms | CPU s/100k | peak RSS MiB | subject CPU | broker CPU |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for sc in scenarios() {
         rt.block_on(run(sc));
     }
