@@ -413,19 +413,16 @@ impl ReadingQueue {
             return None;
         }
         let item = q.awaiting_ack[slot].take()?;
-        Some(match item.what {
-            Sent::Reading { device, entry } => {
-                let lane = &mut q.lanes[device];
-                lane.stats.in_flight -= 1;
-                lane.stats.poisoned += 1;
-                Poisoned::Reading { device, name: Arc::clone(&lane.name), payload: entry.payload }
-            }
-            Sent::Control(c) => {
-                q.control_strikes.remove(&c.topic);
-                q.counters.poisoned_control += 1;
-                Poisoned::Control { topic: c.topic, payload: c.payload }
-            }
-        })
+        let report = match &item.what {
+            Sent::Reading { device, entry } => Poisoned::Reading {
+                device: *device,
+                name: Arc::clone(&q.lanes[*device].name),
+                payload: entry.payload.clone(),
+            },
+            Sent::Control(c) => Poisoned::Control { topic: c.topic.clone(), payload: c.payload.clone() },
+        };
+        q.poisoned(item);
+        Some(report)
     }
 
     /// The client could not send what it popped last (over the packet-size limit, a topic
@@ -568,7 +565,10 @@ impl Inner {
                 s.in_flight -= 1;
                 s.poisoned += 1;
             }
-            Sent::Control(_) => self.counters.poisoned_control += 1,
+            Sent::Control(c) => {
+                self.control_strikes.remove(&c.topic);
+                self.counters.poisoned_control += 1;
+            }
         }
     }
 

@@ -54,16 +54,7 @@ pub fn publish_size(version: Version, topic_len: usize, payload_len: usize, qos1
         Version::V5 => 1 + 5,
     };
     let remaining = 2 + topic_len + if qos1 { 2 } else { 0 } + props + payload_len;
-    1 + varint_len(remaining) + remaining
-}
-
-fn varint_len(x: usize) -> usize {
-    match x {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
-    }
+    1 + varint(remaining).1 + remaining
 }
 
 /// Appends a PUBLISH to `b`. `put_topic` writes the topic as an MQTT string (see [`put_str`]):
@@ -94,34 +85,33 @@ pub fn put_publish(
         b.put_u16(meta.pkid);
     }
     if version == Version::V5 {
-        let mut props = BytesMut::new();
+        // Properties written in place: no buffer of their own per reading.
+        let expiry_len = if meta.expiry_s.is_some() { 1 + 4 } else { 0 };
+        let correlation_len = meta.correlation.map_or(0, |c| 1 + 2 + c.len());
+        if let Some(c) = meta.correlation.filter(|c| c.len() > MAX_STRING) {
+            b.truncate(begin);
+            return Err(EncodeError::StringTooLong(c.len()));
+        }
+        put_varint(b, expiry_len + correlation_len);
         if let Some(s) = meta.expiry_s {
-            props.put_u8(0x02);
-            props.put_u32(s);
+            b.put_u8(0x02);
+            b.put_u32(s);
         }
         if let Some(c) = meta.correlation {
-            if c.len() > MAX_STRING {
-                b.truncate(begin);
-                return Err(EncodeError::StringTooLong(c.len()));
-            }
-            props.put_u8(0x09);
-            props.put_u16(c.len() as u16);
-            props.put_slice(c);
+            b.put_u8(0x09);
+            b.put_u16(c.len() as u16);
+            b.put_slice(c);
         }
-        put_varint(b, props.len());
-        b.put_slice(&props);
     }
     b.put_slice(payload);
     let remaining = b.len() - start;
-    let n = varint_len(remaining);
+    let (len, n) = varint(remaining);
     if remaining > 268_435_455 || 1 + n + remaining > limit {
         let size = 1 + n + remaining;
         b.truncate(begin);
         return Err(EncodeError::PacketTooLarge { size, limit });
     }
-    let mut len = BytesMut::with_capacity(4);
-    put_varint(&mut len, remaining);
-    b[len_at..len_at + n].copy_from_slice(&len);
+    b[len_at..len_at + n].copy_from_slice(&len[..n]);
     if n < 4 {
         // Close the gap left by the reservation.
         let gap = 4 - n;
@@ -131,18 +121,28 @@ pub fn put_publish(
     Ok(())
 }
 
-fn put_varint(b: &mut BytesMut, mut x: usize) {
+/// MQTT's variable-length integer: its bytes and how many of them are used (at most 4 for
+/// any length MQTT allows).
+fn varint(mut x: usize) -> ([u8; 4], usize) {
+    let mut out = [0u8; 4];
+    let mut n = 0;
     loop {
         let mut byte = (x % 128) as u8;
         x /= 128;
         if x > 0 {
             byte |= 0x80;
         }
-        b.put_u8(byte);
-        if x == 0 {
-            return;
+        out[n] = byte;
+        n += 1;
+        if x == 0 || n == 4 {
+            return (out, n);
         }
     }
+}
+
+fn put_varint(b: &mut BytesMut, x: usize) {
+    let (bytes, n) = varint(x);
+    b.put_slice(&bytes[..n]);
 }
 
 /// A length-prefixed MQTT string; refuses one that does not fit (a `len as u16` would wrap and
