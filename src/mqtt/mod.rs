@@ -153,6 +153,7 @@ impl ConnectOptions {
     }
 
     /// Options for tests of the protocol: no login, no TLS, 3.1.1.
+    #[cfg(test)]
     pub fn for_tests(inflight: u16) -> Self {
         Self {
             client_id: "test".into(),
@@ -301,6 +302,7 @@ impl MqttShared {
     }
 
     /// The connection's state, to wait on.
+    #[cfg(test)]
     pub fn link(&self) -> watch::Receiver<Link> {
         self.connected.subscribe()
     }
