@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::{json_lines as lines, n, write_all, Mosquitto, Subscriber};
 use sensorgate::app::{self, Hooks};
-use sensorgate::config::{Config, DeviceConfig, StreamConfig};
+use sensorgate::config::{Config, PortConfig, StreamConfig};
 use sensorgate::decode::{Decode, Decoded};
 use sensorgate::device::{PortOpener, SerialOpener, SerialPort};
 use sensorgate::reject::Reject;
@@ -104,17 +104,31 @@ impl AsyncRead for PanickyPort {
     }
 }
 
+impl tokio::io::AsyncWrite for PanickyPort {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<std::io::Result<usize>> {
+        panic!("driver bug while writing");
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 struct FirstOpenPanics {
-    device: &'static str,
+    path: std::path::PathBuf,
     fired: AtomicBool,
 }
 
 impl PortOpener for FirstOpenPanics {
     fn open<'a>(
         &'a self,
-        dev: &'a DeviceConfig,
+        dev: &'a PortConfig,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<SerialPort>> + Send + 'a>> {
-        if dev.name == self.device && !self.fired.swap(true, Ordering::SeqCst) {
+        if dev.path == self.path && !self.fired.swap(true, Ordering::SeqCst) {
             return Box::pin(async { Ok(Box::new(PanickyPort) as SerialPort) });
         }
         SerialOpener.open(dev)
@@ -128,7 +142,7 @@ async fn a_panic_in_a_device_task_is_caught_at_its_join_and_the_device_restarted
     let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
     let (x, y) = (dir.path().join("x"), dir.path().join("y"));
     let (mut pty_x, mut pty_y) = (PtyLink::create(&x).unwrap(), PtyLink::create(&y).unwrap());
-    let opener = Arc::new(FirstOpenPanics { device: "x", fired: AtomicBool::new(false) });
+    let opener = Arc::new(FirstOpenPanics { path: x.clone(), fired: AtomicBool::new(false) });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let gateway = tokio::spawn(app::run_with(
         config(broker.port, &[("x", &x), ("y", &y)]),

@@ -307,12 +307,26 @@ impl Default for QueueConfig {
 }
 
 /// One device: its name in topics, its serial port, and the input that makes readings of
-/// what the port carries. A `[[device]]` table is a stream input (see [`StreamDeviceToml`]).
+/// what the port carries. A `[[device]]` table is a stream input (see [`StreamDeviceToml`]);
+/// each `[[bus.device]]` is a Modbus slave on its bus's port (see [`BusConfig::devices`]).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(from = "StreamDeviceToml")]
 pub struct DeviceConfig {
     /// Used in topics and logs.
     pub name: String,
+    /// The serial port and its line settings (a slave's is its bus's).
+    pub port: PortConfig,
+    /// No bytes for this long: the device is stale and its port is reopened.
+    pub idle_timeout: Duration,
+    /// How the device's data becomes readings.
+    pub input: Input,
+    /// Home Assistant sensor entities made from this device's reading fields.
+    pub entities: Vec<EntityConfig>,
+}
+
+/// A serial port and its line settings: what opening it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortConfig {
     /// Prefer `/dev/serial/by-id/...`: it survives re-enumeration after an unplug.
     pub path: PathBuf,
     pub baud: u32,
@@ -320,13 +334,7 @@ pub struct DeviceConfig {
     pub parity: Parity,
     pub stop_bits: u8,
     pub flow_control: FlowControl,
-    /// No bytes for this long: the device is stale and its port is reopened.
-    pub idle_timeout: Duration,
     pub open_timeout: Duration,
-    /// How the device's data becomes readings.
-    pub input: Input,
-    /// Home Assistant sensor entities made from this device's reading fields.
-    pub entities: Vec<EntityConfig>,
 }
 
 /// The kinds of input. A new kind is a variant here, its checks in `validate.rs` and its
@@ -429,19 +437,16 @@ impl From<StreamDeviceToml> for DeviceConfig {
     fn from(t: StreamDeviceToml) -> Self {
         let stream =
             StreamConfig { framing: t.framing, format: t.format, max_frame: t.max_frame, channels: t.channels };
-        Self {
-            name: t.name,
+        let port = PortConfig {
             path: t.path,
             baud: t.baud,
             data_bits: t.data_bits,
             parity: t.parity,
             stop_bits: t.stop_bits,
             flow_control: t.flow_control,
-            idle_timeout: t.idle_timeout,
             open_timeout: t.open_timeout,
-            input: Input::Stream(stream),
-            entities: t.entities,
-        }
+        };
+        Self { name: t.name, port, idle_timeout: t.idle_timeout, input: Input::Stream(stream), entities: t.entities }
     }
 }
 

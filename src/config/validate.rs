@@ -223,35 +223,36 @@ impl Config {
                 "give every device its own name",
             ));
         }
-        if let Some(j) = self.devices[..i].iter().position(|o| o.path == d.path) {
+        if let Some(j) = self.devices[..i].iter().position(|o| o.port.path == d.port.path) {
             p.push(Problem::new(
                 k("path"),
-                format!("{} is also the path of device[{j}]", d.path.display()),
+                format!("{} is also the path of device[{j}]", d.port.path.display()),
                 "a port can be read by one device only; remove one of them",
             ));
         }
-        if d.path.as_os_str().is_empty() {
+        let port = &d.port;
+        if port.path.as_os_str().is_empty() {
             p.push(Problem::new(k("path"), "is empty", "use the port's path, e.g. /dev/serial/by-id/usb-..."));
-        } else if d.path.is_relative() {
+        } else if port.path.is_relative() {
             p.push(Problem::new(
                 k("path"),
-                format!("{} is a relative path", d.path.display()),
+                format!("{} is a relative path", port.path.display()),
                 "use the full path, e.g. /dev/serial/by-id/usb-... or /dev/ttyUSB0",
             ));
         }
-        if d.baud == 0 {
+        if port.baud == 0 {
             p.push(Problem::new(k("baud"), "must be above 0", "use your sensor's baud rate, e.g. 115200"));
         }
-        if !(5..=8).contains(&d.data_bits) {
+        if !(5..=8).contains(&port.data_bits) {
             p.push(Problem::new(k("data_bits"), "must be 5, 6, 7 or 8", "remove it to use 8"));
         }
-        if !(1..=2).contains(&d.stop_bits) {
+        if !(1..=2).contains(&port.stop_bits) {
             p.push(Problem::new(k("stop_bits"), "must be 1 or 2", "remove it to use 1"));
         }
         if d.idle_timeout < Duration::from_millis(100) {
             p.push(Problem::new(k("idle_timeout"), "must be at least 100ms", "use e.g. \"30s\""));
         }
-        if d.open_timeout < Duration::from_millis(100) {
+        if port.open_timeout < Duration::from_millis(100) {
             p.push(Problem::new(k("open_timeout"), "must be at least 100ms", "use e.g. \"5s\""));
         }
         match &d.input {

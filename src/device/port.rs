@@ -4,18 +4,23 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::termios;
-use crate::config::{DeviceConfig, FlowControl, Parity};
+use crate::config::{FlowControl, Parity, PortConfig};
 
-/// An open port, as the session sees it.
-pub type SerialPort = Box<dyn AsyncRead + Send + Unpin>;
+/// An open port, as a session sees it: read, and written by polls, queries and writes.
+pub type SerialPort = Box<dyn Port>;
+
+/// What a session needs of a port.
+pub trait Port: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Port for T {}
 
 /// Opens ports. The supervisor wraps every call in the device's `open_timeout`.
 pub trait PortOpener: Send + Sync {
-    /// Opens the device's configured path.
-    fn open<'a>(&'a self, dev: &'a DeviceConfig) -> Pin<Box<dyn Future<Output = io::Result<SerialPort>> + Send + 'a>>;
+    /// Opens the configured path with its line settings.
+    fn open<'a>(&'a self, dev: &'a PortConfig) -> Pin<Box<dyn Future<Output = io::Result<SerialPort>> + Send + 'a>>;
 }
 
 /// Real serial ports through tokio-serial.
@@ -23,7 +28,7 @@ pub trait PortOpener: Send + Sync {
 pub struct SerialOpener;
 
 impl PortOpener for SerialOpener {
-    fn open<'a>(&'a self, dev: &'a DeviceConfig) -> Pin<Box<dyn Future<Output = io::Result<SerialPort>> + Send + 'a>> {
+    fn open<'a>(&'a self, dev: &'a PortConfig) -> Pin<Box<dyn Future<Output = io::Result<SerialPort>> + Send + 'a>> {
         let builder = tokio_serial::new(dev.path.to_string_lossy(), dev.baud)
             .data_bits(match dev.data_bits {
                 5 => tokio_serial::DataBits::Five,
@@ -82,7 +87,7 @@ mod tests {
             pty.link.display().to_string()
         );
         let dev = toml::from_str::<Config>(&text).unwrap().devices.remove(0);
-        let mut port = SerialOpener.open(&dev).await.unwrap();
+        let mut port = SerialOpener.open(&dev.port).await.unwrap();
         pty.master.write_all(b"{\"t\":1}\n").await.unwrap();
         let mut buf = [0u8; 8];
         tokio::time::timeout(Duration::from_secs(5), port.read_exact(&mut buf)).await.unwrap().unwrap();

@@ -45,7 +45,7 @@ pub async fn supervise(ctx: SupervisorContext, cancel: CancellationToken) {
         if !stale {
             dev.set_state(&ctx.queue, State::Opening, None);
         }
-        let open = tokio::time::timeout(dev.config.open_timeout, ctx.opener.open(&dev.config));
+        let open = tokio::time::timeout(dev.config.port.open_timeout, ctx.opener.open(&dev.config.port));
         let opened = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
@@ -73,8 +73,8 @@ pub async fn supervise(ctx: SupervisorContext, cancel: CancellationToken) {
                     other => (other.to_string(), State::Backoff),
                 }
             }
-            Ok(Err(e)) => (format!("cannot open {}: {e}", dev.config.path.display()), State::Failed),
-            Err(_) => (format!("opening {} timed out", dev.config.path.display()), State::Failed),
+            Ok(Err(e)) => (format!("cannot open {}: {e}", dev.config.port.path.display()), State::Failed),
+            Err(_) => (format!("opening {} timed out", dev.config.port.path.display()), State::Failed),
         };
         stale = state == State::Stale;
         let delay = if stale { Duration::ZERO } else { backoff.next_delay() };

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-use crate::config::{DeviceConfig, FlowControl, Parity};
+use crate::config::{FlowControl, Parity, PortConfig};
 
 /// How `serialport` reports ENOSYS. It flattens every errno it does not map to a kind into
 /// `ErrorKind::Unknown` plus nix's text for the errno (no raw errno survives, so
@@ -45,7 +45,7 @@ pub(super) struct TermiosPort {
 /// # Errors
 /// The path cannot be opened or locked, it is not a terminal, or the baud rate has no `Bxxx`
 /// constant.
-pub(super) fn open(dev: &DeviceConfig) -> io::Result<TermiosPort> {
+pub(super) fn open(dev: &PortConfig) -> io::Result<TermiosPort> {
     // Checked before touching the device, so a bad config fails the same way every time.
     let speed = speed(dev.baud)?;
     let path = CString::new(dev.path.as_os_str().as_bytes()).map_err(io::Error::other)?;
@@ -61,16 +61,16 @@ pub(super) fn open(dev: &DeviceConfig) -> io::Result<TermiosPort> {
     configure(port.0.as_raw_fd(), dev, speed)?;
     // SAFETY: `Exclusive` owns the descriptor and always returns that same one, as register
     // requires.
-    let fd = unsafe { AsyncFd::register_with_interest(port, Interest::READABLE) }?;
+    let fd = unsafe { AsyncFd::register_with_interest(port, Interest::READABLE | Interest::WRITABLE) }?;
     Ok(TermiosPort { fd })
 }
 
 /// Logs, once per process, that ports are being opened here.
-pub(super) fn log_fallback_once(dev: &DeviceConfig) {
+pub(super) fn log_fallback_once(dev: &PortConfig) {
     static LOGGED: AtomicBool = AtomicBool::new(false);
     if !LOGGED.swap(true, Ordering::Relaxed) {
         tracing::info!(
-            device = dev.name,
+            path = %dev.path.display(),
             "This system lacks the TCGETS2/TCSETS2 ioctls (e.g. qemu-user or an old kernel): serial \
              ports are opened with classic termios, which supports only standard baud rates."
         );
@@ -119,7 +119,7 @@ impl Drop for Exclusive {
 }
 
 /// Raw mode and the device's line settings, the same flags serialport sets.
-fn configure(fd: RawFd, dev: &DeviceConfig, speed: libc::speed_t) -> io::Result<()> {
+fn configure(fd: RawFd, dev: &PortConfig, speed: libc::speed_t) -> io::Result<()> {
     let check = |r: i32| if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
     // SAFETY: termios is plain old data; tcgetattr fills it completely before it is read.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
@@ -257,6 +257,37 @@ impl AsyncRead for TermiosPort {
     }
 }
 
+impl AsyncWrite for TermiosPort {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let written = guard.try_io(|fd| {
+                // SAFETY: write(2) only reads `buf.len()` bytes from `buf`.
+                let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match written {
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // write(2) hands bytes to the tty layer; there is no user-space buffer to flush.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -267,16 +298,16 @@ mod tests {
     use crate::config::Config;
     use crate::simulate::PtyLink;
 
-    fn device(path: &std::path::Path, extra: &str) -> DeviceConfig {
+    fn device(path: &std::path::Path, extra: &str) -> PortConfig {
         let text = format!(
             "[gateway]\nid = \"gw\"\n[[device]]\nname = \"d\"\npath = {:?}\nframing = \"lines\"\n{extra}",
             path.display().to_string()
         );
         let mut c: Config = toml::from_str(&text).unwrap();
-        c.devices.remove(0)
+        c.devices.remove(0).port
     }
 
-    async fn open_blocking(dev: DeviceConfig) -> io::Result<TermiosPort> {
+    async fn open_blocking(dev: PortConfig) -> io::Result<TermiosPort> {
         tokio::task::spawn_blocking(move || open(&dev)).await.unwrap()
     }
 
