@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::commands::{self, CommandContext};
-use crate::config::{Config, DeviceConfig};
+use crate::config::{BusConfig, Config, DeviceConfig};
 use crate::device::{
-    self, DecoderFactory, DeviceRuntime, PortOpener, Registry, SerialOpener, State, SupervisorContext,
+    self, BusContext, DecoderFactory, DeviceRuntime, PortOpener, Registry, SerialOpener, State, SupervisorContext,
 };
 use crate::homeassistant::{Discovery, SharedDiscovery};
 use crate::liveness::{Liveness, BEAT_EVERY};
@@ -105,8 +105,8 @@ pub async fn run_reloadable(
     hooks: Hooks,
 ) -> Result<Report, AppError> {
     let core = Core::new(&config, hooks);
-    let mut devices: Vec<RunningDevice> = config.devices.iter().map(|d| core.start_device(d, None)).collect();
-    core.registry.set(devices.iter().map(|d| Arc::clone(&d.runtime)).collect());
+    let mut devices: Vec<RunningUnit> = units(&config).iter().map(|u| core.start_unit(u, &[])).collect();
+    core.registry.set(runtimes(&devices));
     let mut side = core.start_mqtt(&config)?;
     let (current, current_rx) = watch::channel(Arc::clone(&side.shared));
     let notify_task = tokio::spawn(notify_loop(
@@ -161,9 +161,46 @@ struct Core {
     draining: CancellationToken,
 }
 
-/// A device's running supervisor.
-struct RunningDevice {
-    runtime: Arc<DeviceRuntime>,
+/// What owns a port and is supervised on its own: a listening device, or a Modbus bus with
+/// its slaves. Each of its devices has a runtime (lane, counters, state).
+#[derive(Debug, Clone, PartialEq)]
+enum Unit {
+    Device(DeviceConfig),
+    Bus(BusConfig),
+}
+
+impl Unit {
+    /// Its name among the units (and the watchdog's component name).
+    fn component(&self) -> String {
+        match self {
+            Unit::Device(d) => device_component(&d.name),
+            Unit::Bus(b) => format!("bus:{}", b.name),
+        }
+    }
+
+    /// The devices it runs.
+    fn devices(&self) -> Vec<DeviceConfig> {
+        match self {
+            Unit::Device(d) => vec![d.clone()],
+            Unit::Bus(b) => b.devices().collect(),
+        }
+    }
+}
+
+/// Every unit of `config`: devices in order, then buses.
+fn units(config: &Config) -> Vec<Unit> {
+    config.devices.iter().cloned().map(Unit::Device).chain(config.buses.iter().cloned().map(Unit::Bus)).collect()
+}
+
+/// The runtimes of every running device, units in order.
+fn runtimes(running: &[RunningUnit]) -> Vec<Arc<DeviceRuntime>> {
+    running.iter().flat_map(|u| u.runtimes.iter().cloned()).collect()
+}
+
+/// A unit's running supervisor.
+struct RunningUnit {
+    unit: Unit,
+    runtimes: Vec<Arc<DeviceRuntime>>,
     stop: CancellationToken,
     keeper: JoinHandle<()>,
 }
@@ -212,39 +249,77 @@ impl Core {
         self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Starts a device's supervisor; `previous` hands over counters and status (a reload).
-    fn start_device(&self, config: &DeviceConfig, previous: Option<&Arc<DeviceRuntime>>) -> RunningDevice {
-        let runtime = Arc::new(match previous {
-            Some(p) => p.with_config(config.clone()),
-            None => {
-                let lane = self.queue.add_lane(&config.name);
-                let limit = self.packet_limit.for_topic(&self.topics.readings(&config.name));
-                DeviceRuntime::new(lane, config.clone(), self.topics.device_state(&config.name), limit)
-            }
-        });
-        let ctx = SupervisorContext {
-            dev: Arc::clone(&runtime),
-            queue: Arc::clone(&self.queue),
-            opener: Arc::clone(&self.hooks.opener),
-            decoders: Arc::clone(&self.hooks.decoders),
-            restart_min: RESTART_MIN,
-            restart_max: RESTART_MAX,
-            jitter: self.hooks.jitter,
-            beat: self.live.beat_for(&device_component(&config.name)),
+    /// Starts a unit's supervisor; a runtime in `previous` of the same name hands over its
+    /// lane, counters and status (a reload).
+    fn start_unit(&self, unit: &Unit, previous: &[Arc<DeviceRuntime>]) -> RunningUnit {
+        let writes = match unit {
+            Unit::Bus(_) => Some(mpsc::channel(device::WRITES_WAITING)),
+            Unit::Device(_) => None,
         };
+        let runtimes: Vec<Arc<DeviceRuntime>> = unit
+            .devices()
+            .into_iter()
+            .map(|config| {
+                let runtime = match previous.iter().find(|p| p.name() == config.name) {
+                    Some(p) => p.with_config(config),
+                    None => {
+                        let lane = self.queue.add_lane(&config.name);
+                        let limit = self.packet_limit.for_topic(&self.topics.readings(&config.name));
+                        let state_topic = self.topics.device_state(&config.name);
+                        DeviceRuntime::new(lane, config, state_topic, limit)
+                    }
+                };
+                Arc::new(runtime.with_writes(writes.as_ref().map(|(tx, _)| tx.clone())))
+            })
+            .collect();
         let stop = self.devices_stop.child_token();
-        let keeper = tokio::spawn(keep_supervising(ctx, stop.clone()));
-        RunningDevice { runtime, stop, keeper }
+        let beat = self.live.beat_for(&unit.component());
+        let keeper = match (unit, writes) {
+            (Unit::Device(_), _) | (_, None) => {
+                let ctx = SupervisorContext {
+                    dev: Arc::clone(&runtimes[0]),
+                    queue: Arc::clone(&self.queue),
+                    opener: Arc::clone(&self.hooks.opener),
+                    decoders: Arc::clone(&self.hooks.decoders),
+                    restart_min: RESTART_MIN,
+                    restart_max: RESTART_MAX,
+                    jitter: self.hooks.jitter,
+                    beat,
+                };
+                let stop = stop.clone();
+                tokio::spawn(keep_running(runtimes.clone(), Arc::clone(&self.queue), stop.clone(), move || {
+                    tokio::spawn(device::supervise(ctx.clone(), stop.clone()))
+                }))
+            }
+            (Unit::Bus(bus), Some((_, rx))) => {
+                let ctx = BusContext {
+                    bus: bus.clone(),
+                    slaves: runtimes.clone(),
+                    queue: Arc::clone(&self.queue),
+                    opener: Arc::clone(&self.hooks.opener),
+                    restart_min: RESTART_MIN,
+                    restart_max: RESTART_MAX,
+                    jitter: self.hooks.jitter,
+                    beat,
+                    writes: Arc::new(tokio::sync::Mutex::new(rx)),
+                };
+                let stop = stop.clone();
+                tokio::spawn(keep_running(runtimes.clone(), Arc::clone(&self.queue), stop.clone(), move || {
+                    tokio::spawn(device::supervise_bus(ctx.clone(), stop.clone()))
+                }))
+            }
+        };
+        RunningUnit { unit: unit.clone(), runtimes, stop, keeper }
     }
 
-    /// Stops a device's supervisor and waits for its session and decode thread to finish.
-    async fn stop_device(&self, d: RunningDevice, deadline: Instant) {
-        d.stop.cancel();
-        let name = d.runtime.name().to_string();
-        let keeper = d.keeper;
-        if !wait_with_progress(keeper, deadline, || format!("device {name} still stopping")).await {
-            tracing::warn!(device = %name, "Device did not stop in time; leaving it behind.");
+    /// Stops a unit's supervisor and waits for its sessions (and decode threads) to finish.
+    async fn stop_unit(&self, u: RunningUnit, deadline: Instant) -> Vec<Arc<DeviceRuntime>> {
+        u.stop.cancel();
+        let name = u.unit.component();
+        if !wait_with_progress(u.keeper, deadline, || format!("{name} still stopping")).await {
+            tracing::warn!(unit = %name, "Did not stop in time; leaving it behind.");
         }
+        u.runtimes
     }
 
     fn start_mqtt(&self, config: &Config) -> Result<MqttSide, AppError> {
@@ -333,7 +408,7 @@ impl Core {
     }
 
     /// Applies a validated config: only what changed is stopped, started or restarted.
-    async fn apply(&self, next: Config, devices: &mut Vec<RunningDevice>, side: &mut MqttSide) -> Result<(), AppError> {
+    async fn apply(&self, next: Config, devices: &mut Vec<RunningUnit>, side: &mut MqttSide) -> Result<(), AppError> {
         let old = self.config();
         if next.gateway.id != old.gateway.id || next.mqtt.topic_prefix != old.mqtt.topic_prefix {
             tracing::error!(
@@ -353,30 +428,37 @@ impl Core {
         }
 
         let (mut started, mut stopped, mut restarted) = (0, 0, 0);
-        let mut previous: Vec<RunningDevice> = std::mem::take(devices);
-        for dc in &next.devices {
-            match previous.iter().position(|d| d.runtime.name() == dc.name) {
-                Some(i) if previous[i].runtime.config == *dc => devices.push(previous.remove(i)),
-                Some(i) => {
-                    let old_dev = previous.remove(i);
-                    let runtime = Arc::clone(&old_dev.runtime);
-                    self.stop_device(old_dev, deadline).await;
-                    devices.push(self.start_device(dc, Some(&runtime)));
-                    restarted += 1;
-                }
+        let next_units = units(&next);
+        // Units whose config changed or that are gone stop first, so that their runtimes
+        // (lanes, counters, states) can go to the units that take their devices over.
+        let mut kept: Vec<RunningUnit> = Vec::new();
+        let mut handed: Vec<Arc<DeviceRuntime>> = Vec::new();
+        for u in std::mem::take(devices) {
+            if next_units.contains(&u.unit) {
+                kept.push(u);
+                continue;
+            }
+            let component = u.unit.component();
+            if next_units.iter().any(|n| n.component() == component) {
+                restarted += 1;
+            } else {
+                stopped += 1;
+                self.live.retire(&component);
+            }
+            handed.extend(self.stop_unit(u, deadline).await);
+        }
+        for unit in &next_units {
+            match kept.iter().position(|k| k.unit == *unit) {
+                Some(i) => devices.push(kept.remove(i)),
                 None => {
-                    devices.push(self.start_device(dc, None));
-                    started += 1;
+                    if !handed.iter().any(|h| unit.devices().iter().any(|d| d.name == h.name())) {
+                        started += 1;
+                    }
+                    devices.push(self.start_unit(unit, &handed));
                 }
             }
         }
-        for gone in previous {
-            let name = gone.runtime.name().to_string();
-            self.stop_device(gone, deadline).await;
-            self.live.retire(&device_component(&name));
-            stopped += 1;
-        }
-        self.registry.set(devices.iter().map(|d| Arc::clone(&d.runtime)).collect());
+        self.registry.set(runtimes(devices));
         *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next.clone();
 
         let discovery = next.homeassistant.enabled.then(|| Discovery::new(&next, &self.topics));
@@ -439,7 +521,7 @@ impl Core {
 
     /// Phase 1: stop reading (sessions end, decode threads finish the bytes already read, so
     /// every frame read is counted). Phase 2: drain, final metrics, `offline`, DISCONNECT.
-    async fn shut_down(&self, devices: Vec<RunningDevice>, mut side: MqttSide) -> Report {
+    async fn shut_down(&self, devices: Vec<RunningUnit>, mut side: MqttSide) -> Report {
         let config = self.config();
         let deadline = Instant::now() + config.gateway.shutdown_timeout;
         // Devices get at most three quarters of the time: a device that never stops (a decoder
@@ -539,25 +621,32 @@ impl Core {
     }
 }
 
-/// Runs a device's supervisor until `stop`; a panic in it is caught here, at its join,
-/// counted as a restart and the supervisor started again (after a pause, so a bug that
-/// panics at once cannot spin).
-async fn keep_supervising(ctx: SupervisorContext, stop: CancellationToken) {
+/// Runs a unit's supervisor (`spawn` starts it) until `stop`; a panic in it is caught here,
+/// at its join, counted as a restart of its devices and the supervisor started again (after
+/// a pause, so a bug that panics at once cannot spin).
+async fn keep_running(
+    devices: Vec<Arc<DeviceRuntime>>,
+    queue: Arc<ReadingQueue>,
+    stop: CancellationToken,
+    spawn: impl Fn() -> JoinHandle<()>,
+) {
     loop {
-        let outcome = tokio::spawn(device::supervise(ctx.clone(), stop.clone())).await;
-        let why = match outcome {
+        let why = match spawn().await {
             Ok(()) => return,
             Err(e) if e.is_panic() => device::panic_text(e.into_panic()),
             Err(e) => e.to_string(),
         };
-        let dev = &ctx.dev;
-        tracing::error!(device = dev.name(), error = %why, "Device supervisor crashed; restarting it.");
-        dev.counters.restarts.fetch_add(1, Relaxed);
-        dev.set_state(&ctx.queue, State::Backoff, Some(format!("supervisor crashed: {why}")));
+        for dev in &devices {
+            tracing::error!(device = dev.name(), error = %why, "Device supervisor crashed; restarting it.");
+            dev.counters.restarts.fetch_add(1, Relaxed);
+            dev.set_state(&queue, State::Backoff, Some(format!("supervisor crashed: {why}")));
+        }
         tokio::select! {
             biased;
             _ = stop.cancelled() => {
-                dev.set_state(&ctx.queue, State::Stopped, None);
+                for dev in &devices {
+                    dev.set_state(&queue, State::Stopped, None);
+                }
                 return;
             }
             _ = tokio::time::sleep(RESTART_MIN) => {}

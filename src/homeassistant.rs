@@ -42,7 +42,7 @@ impl Discovery {
             json!({"topic": topics.state, "payload_available": "online", "payload_not_available": "offline"});
         let mut messages = Vec::new();
 
-        for dev in &config.devices {
+        for dev in &config.all_devices() {
             let dev_id = object_id(&format!("{gw_id}_{}", dev.name));
             let mut cmps = Map::new();
             for e in entities(dev) {
@@ -118,6 +118,22 @@ impl Discovery {
 
 /// The device's entities: as configured, or one per named channel for binary devices.
 fn entities(dev: &DeviceConfig) -> Vec<EntityConfig> {
+    if let crate::config::Input::Modbus(slave) = &dev.input {
+        // One entity per point, with its unit. A bool point has no state class: Home
+        // Assistant refuses one on a value that is not a number.
+        return slave
+            .points
+            .iter()
+            .map(|p| EntityConfig {
+                field: p.name.clone(),
+                name: None,
+                unit: p.unit.clone(),
+                device_class: None,
+                state_class: (p.kind != crate::modbus::PointType::Bool && !p.table.is_bits())
+                    .then(|| "measurement".into()),
+            })
+            .collect();
+    }
     if !dev.entities.is_empty() || !dev.stream().is_some_and(|s| s.format().is_binary()) {
         return dev.entities.clone();
     }

@@ -43,6 +43,7 @@ pub mod homeassistant;
 pub mod input;
 pub mod liveness;
 pub mod metrics;
+pub mod modbus;
 pub mod mqtt;
 pub mod payload;
 pub mod queue;

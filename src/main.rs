@@ -92,7 +92,7 @@ fn main() -> ExitCode {
                 for w in c.warnings() {
                     eprintln!("warning: {}", w.to_string_in(&config));
                 }
-                println!("{}: ok ({} device(s), gateway {:?})", config.display(), c.devices.len(), c.gateway.id);
+                println!("{}: ok ({} device(s), gateway {:?})", config.display(), c.all_devices().len(), c.gateway.id);
                 ExitCode::SUCCESS
             }
             Err(e) => config_failure(&e),

@@ -123,6 +123,32 @@ pub struct DeviceMetrics {
     pub restarts: u64,
     /// Milliseconds since the last reading; absent before the first.
     pub last_reading_age_ms: Option<u64>,
+    /// Modbus slaves only. For them `frames_in` counts polls: each is one reading or one
+    /// rejection (`no_response`, `bad_crc`, `wrong_unit`, `short_reply`, `overlong_reply`,
+    /// `exception`, `bad_reply`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modbus: Option<ModbusMetrics>,
+}
+
+/// A Modbus slave's own counters.
+#[derive(Debug, Serialize)]
+pub struct ModbusMetrics {
+    /// Exception responses by code ("02"; "other" for codes outside 1-11); zeros left out.
+    pub exceptions: BTreeMap<String, u64>,
+    /// Poll ticks skipped because the bus was busy.
+    pub poll_overruns: u64,
+}
+
+fn modbus_metrics(c: &crate::telemetry::DeviceCounters) -> ModbusMetrics {
+    let exceptions = c
+        .exceptions
+        .iter()
+        .enumerate()
+        .map(|(code, n)| (code, n.load(Relaxed)))
+        .filter(|&(_, n)| n > 0)
+        .map(|(code, n)| (if code == 0 { "other".to_string() } else { format!("{code:02}") }, n))
+        .collect();
+    ModbusMetrics { exceptions, poll_overruns: c.poll_overruns.load(Relaxed) }
 }
 
 /// A snapshot. The queue's part (readings and where they are) is taken under one lock, so the
@@ -175,6 +201,7 @@ pub fn snapshot<'a>(
                 republished: lane.republished,
                 restarts: c.restarts.load(Relaxed),
                 last_reading_age_ms: (last > 0).then(|| now_us.saturating_sub(last) / 1000),
+                modbus: matches!(d.config.input, crate::config::Input::Modbus(_)).then(|| modbus_metrics(c)),
             };
             (d.name(), m)
         })

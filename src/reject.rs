@@ -55,11 +55,29 @@ pub enum Reject {
     /// connection on it).
     #[error("reading larger than mqtt.max_packet_size")]
     OversizePacket,
+    /// Modbus: the slave did not answer within `request_timeout`, after every retry.
+    #[error("no response from the slave")]
+    NoResponse,
+    /// Modbus: a well-formed reply from another unit.
+    #[error("reply from the wrong unit")]
+    WrongUnit,
+    /// Modbus: fewer bytes than the reply needs before the timeout.
+    #[error("reply cut short")]
+    ShortReply,
+    /// Modbus: bytes after the end of the reply, before the line fell silent.
+    #[error("reply longer than asked for")]
+    OverlongReply,
+    /// Modbus: an exception response (counted by code in the device's `modbus` metrics).
+    #[error("exception response")]
+    Exception,
+    /// Modbus: CRC fine, but not an answer to the request (another function or length).
+    #[error("reply does not answer the request")]
+    BadReply,
 }
 
 impl Reject {
     /// Every reason, in metric order.
-    pub const ALL: [Reject; 17] = [
+    pub const ALL: [Reject; 23] = [
         Reject::Oversize,
         Reject::BadCobs,
         Reject::BadUtf8,
@@ -77,6 +95,12 @@ impl Reject {
         Reject::Truncated,
         Reject::DecoderPanic,
         Reject::OversizePacket,
+        Reject::NoResponse,
+        Reject::WrongUnit,
+        Reject::ShortReply,
+        Reject::OverlongReply,
+        Reject::Exception,
+        Reject::BadReply,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -100,6 +124,12 @@ impl Reject {
             Reject::Truncated => "truncated",
             Reject::DecoderPanic => "decoder_panic",
             Reject::OversizePacket => "oversize_packet",
+            Reject::NoResponse => "no_response",
+            Reject::WrongUnit => "wrong_unit",
+            Reject::ShortReply => "short_reply",
+            Reject::OverlongReply => "overlong_reply",
+            Reject::Exception => "exception",
+            Reject::BadReply => "bad_reply",
         }
     }
 

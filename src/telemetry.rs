@@ -22,6 +22,10 @@ pub struct DeviceCounters {
     pub restarts: AtomicU64,
     /// Microseconds since the epoch of the last reading, 0 before the first.
     pub last_reading_us: AtomicU64,
+    /// Modbus: exception responses by code (index = code for 1..=11, 0 for any other).
+    pub exceptions: [AtomicU64; 12],
+    /// Modbus: poll ticks skipped because the bus was still busy (see `modbus::Schedule`).
+    pub poll_overruns: AtomicU64,
     /// Rate limits of this device's per-frame log lines. Here, not in the session, so a
     /// device that flaps (a new session every backoff) cannot start a fresh burst each time.
     logs: Mutex<DeviceLogs>,

@@ -2,10 +2,12 @@
 //! whole is checked in `validate.rs`, files are read and errors located in `load.rs`.
 //! Sans-IO modules never import this one: each owns its enums, and this schema maps TOML onto them.
 
+mod bus;
 mod load;
 mod units;
 mod validate;
 
+pub use self::bus::{BusConfig, SlaveConfig};
 pub use self::load::{ConfigError, Problem};
 
 use std::num::NonZeroUsize;
@@ -35,9 +37,12 @@ pub struct Config {
     pub commands: CommandsConfig,
     #[serde(default)]
     pub log: LogConfig,
-    /// `[[device]]` tables; at least one.
+    /// `[[device]]` tables: stream devices (a config needs a device or a bus).
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
+    /// `[[bus]]` tables: Modbus RTU buses and their slaves.
+    #[serde(default, rename = "bus")]
+    pub buses: Vec<BusConfig>,
     /// The file as written, for the `config` command (secrets redacted there).
     #[serde(skip)]
     pub source: Option<toml::Table>,
@@ -343,6 +348,8 @@ pub struct PortConfig {
 pub enum Input {
     /// Listening: the port's byte stream is cut into frames and each frame decoded.
     Stream(StreamConfig),
+    /// Polled: a Modbus RTU slave on a bus; its bus's task owns the port.
+    Modbus(SlaveConfig),
 }
 
 /// A stream input: framing, format and the names of binary channels.
@@ -384,6 +391,7 @@ impl DeviceConfig {
     pub fn stream(&self) -> Option<&StreamConfig> {
         match &self.input {
             Input::Stream(s) => Some(s),
+            Input::Modbus(_) => None,
         }
     }
 
@@ -392,6 +400,7 @@ impl DeviceConfig {
     pub fn channels(&self) -> &[Channel] {
         match &self.input {
             Input::Stream(s) => &s.channels,
+            Input::Modbus(_) => &[],
         }
     }
 }
@@ -537,20 +546,25 @@ fn d_expire_after() -> Duration {
 fn d_baud() -> u32 {
     115_200
 }
-fn d_data_bits() -> u8 {
+pub(super) fn d_data_bits() -> u8 {
     8
 }
-fn d_stop_bits() -> u8 {
+pub(super) fn d_stop_bits() -> u8 {
     1
 }
 fn d_idle_timeout() -> Duration {
     Duration::from_secs(30)
 }
-fn d_open_timeout() -> Duration {
+pub(super) fn d_open_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
 impl Config {
+    /// Every device: the `[[device]]` tables, then each bus's slaves.
+    pub fn all_devices(&self) -> Vec<DeviceConfig> {
+        self.devices.iter().cloned().chain(self.buses.iter().flat_map(BusConfig::devices)).collect()
+    }
+
     /// The MQTT client id, after applying the default.
     pub fn client_id(&self) -> String {
         self.mqtt.client_id.clone().unwrap_or_else(|| format!("sensorgate-{}", self.gateway.id))

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Config, DeviceConfig, Input, MqttConfig, Problem, StreamConfig};
+use super::{Config, DeviceConfig, Input, MqttConfig, PortConfig, Problem, StreamConfig};
 use crate::command::Command;
 use crate::framing::Framing;
 use crate::payload::RESERVED_KEY;
@@ -204,13 +204,68 @@ impl Config {
         if self.queue.max_bytes < 1024 {
             p.push(Problem::new("queue.max_bytes", "must be at least 1KiB", "use e.g. \"8MiB\""));
         }
-        if self.devices.is_empty() {
-            p.push(Problem::new("device", "no [[device]] is configured", "add a [[device]] table per serial port"));
+        if self.devices.is_empty() && self.buses.is_empty() {
+            p.push(Problem::new(
+                "device",
+                "no [[device]] or [[bus]] is configured",
+                "add a [[device]] table per listening serial port, or a [[bus]] per Modbus RTU bus",
+            ));
         }
         for (i, d) in self.devices.iter().enumerate() {
             self.validate_device(&mut p, i, d);
         }
+        for (b, bus) in self.buses.iter().enumerate() {
+            bus.validate(&mut p, b);
+            self.check_bus_against_others(&mut p, b, bus);
+        }
         p
+    }
+
+    /// A bus's path and its slaves' names against the devices and the buses before it.
+    fn check_bus_against_others(&self, p: &mut Vec<Problem>, b: usize, bus: &super::BusConfig) {
+        let path = &bus.port.path;
+        let other = self.devices.iter().position(|d| d.port.path == *path).map(|i| format!("device[{i}]"));
+        let other =
+            other.or_else(|| self.buses[..b].iter().position(|o| o.port.path == *path).map(|o| format!("bus[{o}]")));
+        if let Some(other) = other {
+            p.push(Problem::new(
+                format!("bus[{b}].path"),
+                format!("{} is also the path of {other}", path.display()),
+                "one port is owned by one device or one bus; put every slave of a port under one [[bus]]",
+            ));
+        }
+        if let Some(o) = self.buses[..b].iter().position(|o| o.name == bus.name) {
+            p.push(Problem::new(
+                format!("bus[{b}].name"),
+                format!("{:?} is also the name of bus[{o}]", bus.name),
+                "give every bus its own name",
+            ));
+        }
+        for (s, slave) in bus.slaves.iter().enumerate() {
+            let earlier =
+                self.devices.iter().position(|d| d.name == slave.name).map(|i| format!("device[{i}]")).or_else(|| {
+                    let mut before = self.buses[..b]
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(ob, o)| o.slaves.iter().enumerate().map(move |(os, sl)| (ob, os, sl)));
+                    let same_bus = bus.slaves[..s]
+                        .iter()
+                        .position(|o| o.name == slave.name)
+                        .map(|os| format!("bus[{b}].device[{os}]"));
+                    before
+                        .find(|(_, _, o)| o.name == slave.name)
+                        .map(|(ob, os, _)| format!("bus[{ob}].device[{os}]"))
+                        .or(same_bus)
+                });
+            check_topic_name(p, &format!("bus[{b}].device[{s}].name"), &slave.name);
+            if let Some(earlier) = earlier {
+                p.push(Problem::new(
+                    format!("bus[{b}].device[{s}].name"),
+                    format!("{:?} is also the name of {earlier}", slave.name),
+                    "give every device its own name (slaves are devices: they have their own topics)",
+                ));
+            }
+        }
     }
 
     fn validate_device(&self, p: &mut Vec<Problem>, i: usize, d: &DeviceConfig) {
@@ -230,33 +285,14 @@ impl Config {
                 "a port can be read by one device only; remove one of them",
             ));
         }
-        let port = &d.port;
-        if port.path.as_os_str().is_empty() {
-            p.push(Problem::new(k("path"), "is empty", "use the port's path, e.g. /dev/serial/by-id/usb-..."));
-        } else if port.path.is_relative() {
-            p.push(Problem::new(
-                k("path"),
-                format!("{} is a relative path", port.path.display()),
-                "use the full path, e.g. /dev/serial/by-id/usb-... or /dev/ttyUSB0",
-            ));
-        }
-        if port.baud == 0 {
-            p.push(Problem::new(k("baud"), "must be above 0", "use your sensor's baud rate, e.g. 115200"));
-        }
-        if !(5..=8).contains(&port.data_bits) {
-            p.push(Problem::new(k("data_bits"), "must be 5, 6, 7 or 8", "remove it to use 8"));
-        }
-        if !(1..=2).contains(&port.stop_bits) {
-            p.push(Problem::new(k("stop_bits"), "must be 1 or 2", "remove it to use 1"));
-        }
+        check_port(p, &k(""), &d.port);
         if d.idle_timeout < Duration::from_millis(100) {
             p.push(Problem::new(k("idle_timeout"), "must be at least 100ms", "use e.g. \"30s\""));
         }
-        if port.open_timeout < Duration::from_millis(100) {
-            p.push(Problem::new(k("open_timeout"), "must be at least 100ms", "use e.g. \"5s\""));
-        }
         match &d.input {
             Input::Stream(stream) => self.validate_stream(p, i, stream),
+            // Slaves come from [[bus]] tables, checked with their bus.
+            Input::Modbus(_) => {}
         }
         // Fields of binary frames are named by channels; text formats name their own.
         let binary = d.stream().is_some_and(|s| s.format().is_binary());
@@ -367,8 +403,35 @@ impl Config {
     }
 }
 
+/// The line settings of a port; `prefix` is the table's key with a trailing dot
+/// (`device[0].`).
+pub(super) fn check_port(p: &mut Vec<Problem>, prefix: &str, port: &PortConfig) {
+    let k = |field: &str| format!("{prefix}{field}");
+    if port.path.as_os_str().is_empty() {
+        p.push(Problem::new(k("path"), "is empty", "use the port's path, e.g. /dev/serial/by-id/usb-..."));
+    } else if port.path.is_relative() {
+        p.push(Problem::new(
+            k("path"),
+            format!("{} is a relative path", port.path.display()),
+            "use the full path, e.g. /dev/serial/by-id/usb-... or /dev/ttyUSB0",
+        ));
+    }
+    if port.baud == 0 {
+        p.push(Problem::new(k("baud"), "must be above 0", "use your sensor's baud rate, e.g. 115200"));
+    }
+    if !(5..=8).contains(&port.data_bits) {
+        p.push(Problem::new(k("data_bits"), "must be 5, 6, 7 or 8", "remove it to use 8"));
+    }
+    if !(1..=2).contains(&port.stop_bits) {
+        p.push(Problem::new(k("stop_bits"), "must be 1 or 2", "remove it to use 1"));
+    }
+    if port.open_timeout < Duration::from_millis(100) {
+        p.push(Problem::new(k("open_timeout"), "must be at least 100ms", "use e.g. \"5s\""));
+    }
+}
+
 /// Names used as topic levels: no wildcards, separators or NUL, nothing that needs quoting.
-fn check_topic_name(p: &mut Vec<Problem>, key: &str, name: &str) {
+pub(super) fn check_topic_name(p: &mut Vec<Problem>, key: &str, name: &str) {
     let bad = name.is_empty()
         || name.len() > 64
         || name.chars().any(|c| matches!(c, '+' | '#' | '/' | '\0') || c.is_control() || c.is_whitespace());

@@ -1,12 +1,17 @@
 //! One serial device: its supervisor task, its session (owns the port) and its decode thread.
 
+mod bus;
 mod port;
 mod session;
 mod supervisor;
 mod termios;
 mod worker;
 
-pub use self::port::{PortOpener, SerialOpener, SerialPort};
+pub use self::bus::{supervise_bus, BusContext, WriteJob, STALE_AFTER};
+pub use self::port::{Port, PortOpener, SerialOpener, SerialPort};
+
+/// Writes (the `write` command) waiting for one bus; more are refused at once.
+pub const WRITES_WAITING: usize = 8;
 pub use self::session::SessionEnd;
 pub use self::supervisor::{supervise, SupervisorContext};
 
@@ -73,6 +78,8 @@ pub struct DeviceRuntime {
     status: Arc<Mutex<Status>>,
     /// Asks the supervisor to close and reopen the port now (the `restart_device` command).
     pub restart: tokio::sync::Notify,
+    /// A Modbus slave's bus, which takes its writes (the `write` command).
+    pub writes: Option<tokio::sync::mpsc::Sender<WriteJob>>,
 }
 
 impl DeviceRuntime {
@@ -86,7 +93,13 @@ impl DeviceRuntime {
             state_topic,
             status: Arc::new(Mutex::new(status)),
             restart: tokio::sync::Notify::new(),
+            writes: None,
         }
+    }
+
+    /// The same runtime, its writes going to `writes` (a Modbus slave's bus).
+    pub fn with_writes(self, writes: Option<tokio::sync::mpsc::Sender<WriteJob>>) -> Self {
+        Self { writes, ..self }
     }
 
     /// The runtime for a new config of the same device, keeping counters and status.
@@ -99,6 +112,7 @@ impl DeviceRuntime {
             state_topic: self.state_topic.clone(),
             status: Arc::clone(&self.status),
             restart: tokio::sync::Notify::new(),
+            writes: None,
         }
     }
 

@@ -62,6 +62,9 @@ pub async fn run(
 ) -> SessionEnd {
     match &ctx.dev.config.input {
         Input::Stream(stream) => run_stream(port, stream, ctx, dev_cancel, up_on_data).await,
+        // A slave's port belongs to its bus's task (`bus::supervise_bus`), never to a device
+        // supervisor; the app starts none for it.
+        Input::Modbus(_) => SessionEnd::Io(io::Error::other("a Modbus slave is polled by its bus's task")),
     }
 }
 

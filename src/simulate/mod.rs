@@ -1,5 +1,8 @@
 //! A sensor simulator: renders readings in every supported framing and writes them at a set
-//! rate to a serial port or to a pseudo-terminal it creates and links at a path.
+//! rate to a serial port or to a pseudo-terminal it creates and links at a path; and Modbus
+//! RTU slaves answering on one ([`modbus`]).
+
+pub mod modbus;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,457 @@
+//! One Modbus RTU bus: a task owns the port and polls its slaves in turn, one transaction at
+//! a time. A slave that does not answer costs the others its `request_timeout × (retries+1)`
+//! per poll and goes `stale` after [`STALE_AFTER`] failed polls; it never closes the port.
+//! The port failing (unplugged, I/O error) ends the session: every slave goes `backoff` and
+//! the port is reopened like a listening device's.
+//!
+//! A poll's decoding (a few registers into JSON) runs here, on the bus task: it is bounded by
+//! the register map (≤ 125 registers a request), unlike a stream's frames, so it cannot hold
+//! a worker thread for long.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{DeviceRuntime, PortOpener, SerialPort, SessionEnd, State};
+use crate::backoff::Backoff;
+use crate::config::{BusConfig, Input, SlaveConfig};
+use crate::decode::Decoded;
+use crate::input::ReadingSink;
+use crate::liveness::{self, Beat};
+use crate::modbus::point::Encoded;
+use crate::modbus::rtu::{self, exception_name};
+use crate::modbus::{plan, Fault, Request, Schedule, Transaction};
+use crate::queue::ReadingQueue;
+use crate::telemetry::now_us;
+
+/// Failed polls in a row after which a slave is published as `stale`.
+pub const STALE_AFTER: u32 = 3;
+/// Waiting for the line to fall silent, at most this many silences: a line that never stops
+/// talking (a second master, a babbling slave) is then used anyway and its bytes show up as
+/// faults, instead of stopping the bus.
+const SETTLE_MAX_SILENCES: u32 = 20;
+
+/// A write of one point, from the `write` command.
+#[derive(Debug)]
+pub struct WriteJob {
+    /// The slave's device name and the point's name.
+    pub device: String,
+    pub point: String,
+    pub value: serde_json::Value,
+    /// The result: `Ok` once the slave confirmed it, or why not.
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+/// What a bus task needs; cheap to clone.
+#[derive(Clone)]
+pub struct BusContext {
+    pub bus: BusConfig,
+    /// The slaves' runtimes, in `bus.slaves` order.
+    pub slaves: Vec<Arc<DeviceRuntime>>,
+    pub queue: Arc<ReadingQueue>,
+    pub opener: Arc<dyn PortOpener>,
+    pub restart_min: Duration,
+    pub restart_max: Duration,
+    pub jitter: bool,
+    pub beat: Beat,
+    /// Writes waiting for the bus (the `write` command), taken between transactions.
+    pub writes: Arc<tokio::sync::Mutex<mpsc::Receiver<WriteJob>>>,
+}
+
+impl BusContext {
+    fn set_all(&self, state: State, error: Option<&str>) {
+        for s in &self.slaves {
+            s.set_state(&self.queue, state, error.map(str::to_string));
+        }
+    }
+}
+
+/// Keeps the bus running until `cancel`: open, poll, back off, reopen.
+pub async fn supervise_bus(ctx: BusContext, cancel: CancellationToken) {
+    let mut backoff = Backoff::new(ctx.restart_min, ctx.restart_max, ctx.jitter);
+    let mut tick = liveness::ticker();
+    let name = ctx.bus.name.as_str();
+    loop {
+        ctx.set_all(State::Opening, None);
+        let open = tokio::time::timeout(ctx.bus.port.open_timeout, ctx.opener.open(&ctx.bus.port));
+        let opened = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            r = liveness::beating(&ctx.beat, &mut tick, open) => r,
+        };
+        let path = ctx.bus.port.path.display();
+        let (error, state) = match opened {
+            Ok(Ok(port)) => {
+                ctx.set_all(State::Up, None);
+                let began = Instant::now();
+                let end = run(port, &ctx, &cancel).await;
+                if began.elapsed() >= Duration::from_secs(30) {
+                    backoff.reset();
+                }
+                match end {
+                    SessionEnd::Cancelled => break,
+                    other => (format!("bus {name}: {other}"), State::Backoff),
+                }
+            }
+            Ok(Err(e)) => (format!("bus {name}: cannot open {path}: {e}"), State::Failed),
+            Err(_) => (format!("bus {name}: opening {path} timed out"), State::Failed),
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(
+            bus = name,
+            error,
+            backoff_ms = delay.as_millis() as u64,
+            "Bus session ended; reopening after backoff."
+        );
+        for s in &ctx.slaves {
+            s.counters.restarts.fetch_add(1, Relaxed);
+        }
+        ctx.set_all(state, Some(&error));
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = liveness::beating(&ctx.beat, &mut tick, tokio::time::sleep(delay)) => {}
+        }
+    }
+    ctx.set_all(State::Stopped, None);
+}
+
+/// One slave during a session.
+struct Slave {
+    runtime: Arc<DeviceRuntime>,
+    config: SlaveConfig,
+    sink: ReadingSink,
+    requests: Vec<Request>,
+    /// For each point (config order): its request and its offset in that request.
+    slots: Vec<(usize, usize)>,
+    failed_in_a_row: u32,
+    /// (request, exception code) pairs already logged: each is logged once per session.
+    logged: HashSet<(usize, u8)>,
+    warned_overrun: bool,
+}
+
+impl Slave {
+    fn new(runtime: &Arc<DeviceRuntime>, queue: &Arc<ReadingQueue>) -> Option<Self> {
+        let Input::Modbus(config) = &runtime.config.input else { return None };
+        let requests = plan(&config.points);
+        let mut slots = vec![(0, 0); config.points.len()];
+        for (r, req) in requests.iter().enumerate() {
+            for &p in &req.points {
+                slots[p] = (r, usize::from(config.points[p].address - req.start));
+            }
+        }
+        Some(Self {
+            runtime: Arc::clone(runtime),
+            config: config.clone(),
+            sink: runtime.sink(queue),
+            requests,
+            slots,
+            failed_in_a_row: 0,
+            logged: HashSet::new(),
+            warned_overrun: false,
+        })
+    }
+
+    /// Wire time of one poll: every request and its reply, with the silences between.
+    fn poll_time(&self, bus: &BusConfig) -> Duration {
+        let baud = bus.port.baud;
+        self.requests
+            .iter()
+            .map(|r| rtu::wire_time(8 + r.reply_len(), baud) + 2 * rtu::silence(baud) + bus.turnaround)
+            .sum()
+    }
+}
+
+/// The port and the line's timing.
+struct Line {
+    port: SerialPort,
+    rx: BytesMut,
+    baud: u32,
+    request_timeout: Duration,
+    retries: u32,
+    turnaround: Duration,
+    /// When the line was last seen silent for a whole inter-frame gap (a reply just checked).
+    quiet_at: Option<Instant>,
+}
+
+/// Runs one session on an open port until it fails or `cancel`.
+async fn run(port: SerialPort, ctx: &BusContext, cancel: &CancellationToken) -> SessionEnd {
+    let mut slaves: Vec<Slave> = ctx.slaves.iter().filter_map(|r| Slave::new(r, &ctx.queue)).collect();
+    let bus = &ctx.bus;
+    let mut line = Line {
+        port,
+        rx: BytesMut::with_capacity(512),
+        baud: bus.port.baud,
+        request_timeout: bus.request_timeout,
+        retries: bus.retries,
+        turnaround: bus.turnaround,
+        quiet_at: None,
+    };
+    let mut schedule = Schedule::new(slaves.iter().map(|s| s.config.poll_interval), Instant::now());
+    let mut tick = liveness::ticker();
+    let mut writes = ctx.writes.lock().await;
+    let end = loop {
+        let Some((i, due)) = schedule.next() else { break SessionEnd::Cancelled };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break SessionEnd::Cancelled,
+            job = writes.recv() => {
+                let Some(job) = job else { continue };
+                if let Err(end) = write(&mut line, &slaves, job).await {
+                    break end;
+                }
+            }
+            _ = liveness::beating(&ctx.beat, &mut tick, tokio::time::sleep_until(due)) => {
+                if let Err(end) = poll(&mut line, ctx, &mut slaves[i]).await {
+                    break end;
+                }
+                let skipped = schedule.polled(i, Instant::now());
+                if skipped > 0 {
+                    overran(bus, &mut slaves, i, skipped);
+                }
+            }
+        }
+    };
+    for s in &slaves {
+        s.sink.end();
+    }
+    end
+}
+
+/// Polls one slave: its requests in turn, stopping at the first that fails. One reading, or
+/// one rejection by the reason of the failure.
+async fn poll(line: &mut Line, ctx: &BusContext, s: &mut Slave) -> Result<(), SessionEnd> {
+    let unit = s.config.unit_id();
+    let mut data: Vec<Vec<u8>> = Vec::with_capacity(s.requests.len());
+    let mut failure = None;
+    for (r, req) in s.requests.iter().enumerate() {
+        let tx = Transaction::read(unit, req);
+        match line.transact(&tx, &s.runtime).await? {
+            Ok(d) => data.push(d),
+            Err(fault) => {
+                failure = Some((r, fault));
+                break;
+            }
+        }
+    }
+    let device = s.runtime.name();
+    let Some((r, fault)) = failure else {
+        let len = data.iter().map(Vec::len).sum();
+        let (points, slots, requests) = (&s.config.points, &s.slots, &s.requests);
+        let offered = s.sink.offer(len, now_us(), |out: &mut BytesMut| {
+            for (i, p) in points.iter().enumerate() {
+                if i > 0 {
+                    out.put_u8(b',');
+                }
+                let (r, at) = slots[i];
+                let d = &data[r];
+                if requests[r].table.is_bits() {
+                    p.write_field(&[], rtu::bit(d, at), out);
+                } else {
+                    let words: Vec<u16> = rtu::words(&d[2 * at..]).take(usize::from(p.kind.words())).collect();
+                    p.write_field(&words, false, out);
+                }
+            }
+            Ok(Decoded::default())
+        });
+        // A reading refused here (too large for the broker) was counted and logged by the
+        // sink; the slave did answer, so it is not a failed poll.
+        let _ = offered;
+        if s.failed_in_a_row >= STALE_AFTER {
+            tracing::info!(device, "Slave answers again.");
+            s.runtime.set_state(&ctx.queue, State::Up, None);
+        }
+        s.failed_in_a_row = 0;
+        s.sink.flush_due();
+        return Ok(());
+    };
+    s.sink.reject(fault.reject());
+    if let Fault::Exception(code) = fault {
+        let c = &s.runtime.counters.exceptions;
+        c[if (1..=11).contains(&code) { usize::from(code) } else { 0 }].fetch_add(1, Relaxed);
+        if s.logged.insert((r, code)) {
+            log_exception(device, &s.config, &s.requests[r], code);
+        }
+    }
+    s.failed_in_a_row += 1;
+    if s.failed_in_a_row == STALE_AFTER {
+        tracing::warn!(device, unit, error = %fault, polls = STALE_AFTER, "Slave failed its last polls; marking it stale.");
+        let why = format!("{STALE_AFTER} polls in a row failed, the last with: {fault}");
+        s.runtime.set_state(&ctx.queue, State::Stale, Some(why));
+    }
+    s.sink.flush_due();
+    Ok(())
+}
+
+fn log_exception(device: &str, slave: &SlaveConfig, req: &Request, code: u8) {
+    let names: Vec<&str> = req.points.iter().map(|&p| slave.points[p].name.as_str()).collect();
+    let range = format!("{} {}..{}", req.table.as_str(), req.start, u32::from(req.start) + u32::from(req.count));
+    let hint = match code {
+        2 => "the slave does not have these addresses: check each point's table and address (0-based) against its register map",
+        1 => "the slave does not support reading this table: check each point's table",
+        3 => "the slave refuses this many at once or this range: check the points' addresses",
+        _ => "the slave reported a failure",
+    };
+    tracing::warn!(
+        device,
+        unit = slave.unit,
+        code,
+        exception = exception_name(code),
+        registers = %range,
+        points = ?names,
+        "Exception response to a poll: {hint}. Logged once per session; every one is counted."
+    );
+}
+
+/// Counts skipped ticks and says once, with the arithmetic, why the bus cannot keep up.
+fn overran(bus: &BusConfig, slaves: &mut [Slave], i: usize, skipped: u64) {
+    slaves[i].runtime.counters.poll_overruns.fetch_add(skipped, Relaxed);
+    if std::mem::replace(&mut slaves[i].warned_overrun, true) {
+        return;
+    }
+    let load: f64 = slaves.iter().map(|s| s.poll_time(bus).as_secs_f64() / s.config.poll_interval.as_secs_f64()).sum();
+    let worst: Duration = slaves.iter().map(|s| bus.request_timeout * (bus.retries + 1) + s.poll_time(bus)).sum();
+    let s = &slaves[i];
+    tracing::warn!(
+        device = s.runtime.name(),
+        bus = bus.name,
+        skipped,
+        poll_ms = s.poll_time(bus).as_secs_f64() * 1e3,
+        interval_ms = s.config.poll_interval.as_millis() as u64,
+        bus_load_pct = (load * 100.0).round(),
+        worst_cycle_ms = worst.as_millis() as u64,
+        baud = bus.port.baud,
+        "Poll ticks skipped: the bus cannot fit every slave's polls. On the wire the polls need \
+         {:.0}% of the bus's time (each request + reply at 11 bits a byte, plus 2 × 3.5 characters of \
+         silence and the turnaround), and a slave that does not answer costs request_timeout × (retries+1) \
+         more per poll. Raise poll_interval, read fewer points, or raise the baud rate. Logged once; \
+         every skipped tick is counted in poll_overruns.",
+        load * 100.0
+    );
+}
+
+/// Writes a point for the `write` command, between polls.
+async fn write(line: &mut Line, slaves: &[Slave], job: WriteJob) -> Result<(), SessionEnd> {
+    let Some(s) = slaves.iter().find(|s| s.runtime.name() == job.device) else {
+        let _ = job.done.send(Err(format!("device {:?} is not a Modbus slave on a running bus", job.device)));
+        return Ok(());
+    };
+    let Some(point) = s.config.points.iter().find(|p| p.name == job.point) else {
+        let _ = job.done.send(Err(format!("device {:?} has no point {:?}", job.device, job.point)));
+        return Ok(());
+    };
+    if !point.writable {
+        let _ = job.done.send(Err(format!(
+            "point {:?} is not writable (set writable = true in its [[bus.device.point]])",
+            point.name
+        )));
+        return Ok(());
+    }
+    let value: Encoded = match point.encode(&job.value) {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = job.done.send(Err(e));
+            return Ok(());
+        }
+    };
+    let tx = Transaction::write(s.config.unit_id(), point.address, &value);
+    let result = line.transact(&tx, &s.runtime).await?;
+    tracing::info!(device = s.runtime.name(), point = point.name, value = %job.value, ok = result.is_ok(), "Point written.");
+    let _ = job.done.send(result.map(drop).map_err(|f| f.to_string()));
+    Ok(())
+}
+
+impl Line {
+    /// One request and its reply, asked again after a timeout, a bad CRC or a cut-off reply
+    /// (`retries` times). The inner error is the slave's fault; the outer ends the session.
+    async fn transact(&mut self, tx: &Transaction, dev: &DeviceRuntime) -> Result<Result<Vec<u8>, Fault>, SessionEnd> {
+        let mut attempt = 0;
+        loop {
+            let outcome = self.once(tx, dev).await?;
+            match outcome {
+                Err(f) if f.is_retried() && attempt < self.retries => {
+                    attempt += 1;
+                    tracing::debug!(device = dev.name(), error = %f, attempt, "Asking the slave again.");
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    async fn once(&mut self, tx: &Transaction, dev: &DeviceRuntime) -> Result<Result<Vec<u8>, Fault>, SessionEnd> {
+        let silence = rtu::silence(self.baud);
+        // The line must be quiet for a whole inter-frame gap before a request (late replies to
+        // an earlier request are cleared here), plus the turnaround slow slaves need.
+        match self.quiet_at.take() {
+            Some(t) if t.elapsed() < silence => {}
+            _ => {
+                let stray = self.settle(silence).await?;
+                if stray > 0 {
+                    tracing::debug!(device = dev.name(), bytes = stray, "Cleared bytes nobody asked for off the bus.");
+                }
+            }
+        }
+        if !self.turnaround.is_zero() {
+            tokio::time::sleep(self.turnaround).await;
+        }
+        let request = tx.request();
+        let wire = rtu::wire_time(request.len(), self.baud);
+        match tokio::time::timeout(self.request_timeout + wire, self.port.write_all(request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(SessionEnd::Io(e)),
+            Err(_) => {
+                return Err(SessionEnd::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "writing a request timed out",
+                )))
+            }
+        }
+        // The request is still on its way out when write returns: count its wire time.
+        let deadline = Instant::now() + wire + self.request_timeout;
+        self.rx.clear();
+        let complete = loop {
+            if let Some(n) = tx.reply_len(&self.rx) {
+                if self.rx.len() >= n {
+                    break n;
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.port.read_buf(&mut self.rx)).await {
+                Err(_) if self.rx.is_empty() => return Ok(Err(Fault::NoResponse)),
+                Err(_) => return Ok(Err(Fault::Short)),
+                Ok(Ok(0)) => return Err(SessionEnd::Eof),
+                Ok(Ok(n)) => dev.counters.bytes_in.fetch_add(n as u64, Relaxed),
+                Ok(Err(e)) => return Err(SessionEnd::Io(e)),
+            };
+        };
+        // Bytes after the reply, before the line falls silent, belong to no valid frame.
+        let extra = self.rx.len() - complete + self.settle(silence).await?;
+        self.quiet_at = Some(Instant::now());
+        if extra > 0 {
+            return Ok(Err(Fault::Overlong));
+        }
+        Ok(tx.check(&self.rx[..complete]).map(<[u8]>::to_vec))
+    }
+
+    /// Reads until the line has been silent for `silence` (at most [`SETTLE_MAX_SILENCES`]
+    /// of them); returns the bytes read meanwhile.
+    async fn settle(&mut self, silence: Duration) -> Result<usize, SessionEnd> {
+        let mut buf = [0u8; 256];
+        let mut got = 0;
+        for _ in 0..SETTLE_MAX_SILENCES {
+            match tokio::time::timeout(silence, self.port.read(&mut buf)).await {
+                Err(_) => break,
+                Ok(Ok(0)) => return Err(SessionEnd::Eof),
+                Ok(Ok(n)) => got += n,
+                Ok(Err(e)) => return Err(SessionEnd::Io(e)),
+            }
+        }
+        Ok(got)
+    }
+}

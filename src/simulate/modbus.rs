@@ -1,0 +1,207 @@
+//! Simulated Modbus RTU slaves on one port (rmodbus's server side): an energy meter's register
+//! map whose values change with every request, and faults a test can switch on — a slave that
+//! never answers, a corrupted CRC, a reply from the wrong unit.
+
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rmodbus::server::storage::ModbusStorageSmall;
+use rmodbus::server::ModbusFrame;
+use rmodbus::ModbusProto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What a simulated slave does wrong.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Never answers.
+    pub silent: bool,
+    /// Every reply has its last CRC byte flipped.
+    pub bad_crc: bool,
+    /// Replies as if it were this unit (a valid frame, CRC right for that unit).
+    pub reply_as: Option<u8>,
+}
+
+/// One simulated slave.
+pub struct SimSlave {
+    pub unit: u8,
+    pub storage: Box<ModbusStorageSmall>,
+    pub faults: Faults,
+    /// Requests answered so far (drives the changing values).
+    pub answered: u64,
+}
+
+/// The meter's register map (documented for the demo config and the README):
+/// - input 0-1: voltage, f32 big word order (230.0 + answered % 10 / 10)
+/// - input 2-3: current, f32 little word order (1.5 + answered % 7 / 100)
+/// - input 4-5: energy, u32 big (Wh, grows by 7 every request)
+/// - input 6: temperature, i16 × 0.1 °C (-5.0 + answered % 50 / 10)
+/// - holding 10: setpoint, i16 × 0.1 (writable; starts at 21.5)
+/// - coil 0: relay (writable); discrete 0: door closed (toggles every request)
+pub const METER_POINTS: &str = r#"
+[[bus.device.point]]
+name = "voltage"
+table = "input"
+address = 0
+type = "f32"
+unit = "V"
+
+[[bus.device.point]]
+name = "current"
+table = "input"
+address = 2
+type = "f32"
+word_order = "little"
+unit = "A"
+
+[[bus.device.point]]
+name = "energy"
+table = "input"
+address = 4
+type = "u32"
+unit = "Wh"
+
+[[bus.device.point]]
+name = "temperature"
+table = "input"
+address = 6
+type = "i16"
+scale = 0.1
+unit = "°C"
+
+[[bus.device.point]]
+name = "setpoint"
+table = "holding"
+address = 10
+type = "i16"
+scale = 0.1
+unit = "°C"
+writable = true
+
+[[bus.device.point]]
+name = "relay"
+table = "coil"
+address = 0
+type = "bool"
+writable = true
+
+[[bus.device.point]]
+name = "door_closed"
+table = "discrete"
+address = 0
+type = "bool"
+"#;
+
+impl SimSlave {
+    /// A meter answering as `unit` (see [`METER_POINTS`]).
+    pub fn meter(unit: u8) -> Self {
+        let mut s = Self { unit, storage: Box::default(), faults: Faults::default(), answered: 0 };
+        s.storage.holdings[10] = 215;
+        s.update();
+        s
+    }
+
+    /// Moves the values on (called before each answer).
+    fn update(&mut self) {
+        let n = self.answered;
+        let st = &mut self.storage;
+        let v = (230.0 + (n % 10) as f32 / 10.0).to_bits();
+        st.inputs[0] = (v >> 16) as u16;
+        st.inputs[1] = v as u16;
+        let c = (1.5 + (n % 7) as f32 / 100.0).to_bits();
+        st.inputs[2] = c as u16;
+        st.inputs[3] = (c >> 16) as u16;
+        let e = (1000 + 7 * n) as u32;
+        st.inputs[4] = (e >> 16) as u16;
+        st.inputs[5] = e as u16;
+        st.inputs[6] = (-50 + (n % 50) as i16) as u16;
+        st.discretes[0] = n % 2 == 0;
+    }
+
+    /// The reply to `request` if this slave is addressed and answers.
+    fn answer(&mut self, request: &[u8]) -> Option<Vec<u8>> {
+        if request.first() != Some(&self.unit) || self.faults.silent {
+            return None;
+        }
+        self.update();
+        let as_unit = self.faults.reply_as.unwrap_or(self.unit);
+        let mut req = request.to_vec();
+        if as_unit != self.unit {
+            // Answer as the other unit: the request as that unit would have got it.
+            req = reframe(as_unit, &req[..req.len() - 2])?;
+        }
+        let mut out = Vec::new();
+        let mut frame = ModbusFrame::new(as_unit, &req, ModbusProto::Rtu, &mut out);
+        frame.parse().ok()?;
+        if frame.processing_required {
+            let done = if frame.readonly {
+                frame.process_read(&*self.storage)
+            } else {
+                frame.process_write(&mut *self.storage)
+            };
+            done.ok()?;
+        }
+        if !frame.response_required {
+            return None;
+        }
+        frame.finalize_response().ok()?;
+        self.answered += 1;
+        if self.faults.bad_crc {
+            *out.last_mut()? ^= 0xA5;
+        }
+        Some(out)
+    }
+}
+
+/// `body` (unit replaced by `unit`) with a fresh CRC, built by rmodbus: a read of the same
+/// table and range as `body` asks for.
+fn reframe(unit: u8, body: &[u8]) -> Option<Vec<u8>> {
+    let mut req = rmodbus::client::ModbusRequest::new(unit, ModbusProto::Rtu);
+    let (reg, count) = (u16::from_be_bytes([body[2], body[3]]), u16::from_be_bytes([body[4], body[5]]));
+    let mut out = Vec::new();
+    match body[1] {
+        1 => req.generate_get_coils(reg, count, &mut out),
+        2 => req.generate_get_discretes(reg, count, &mut out),
+        3 => req.generate_get_holdings(reg, count, &mut out),
+        4 => req.generate_get_inputs(reg, count, &mut out),
+        _ => return None,
+    }
+    .ok()?;
+    Some(out)
+}
+
+/// The slaves on one bus, shared with whoever changes their faults.
+pub type SimBus = Arc<Mutex<Vec<SimSlave>>>;
+
+/// Answers requests on `port` until it fails: reads a whole request (its length from its
+/// first bytes), lets the addressed slave answer. Bytes that are not a request are skipped.
+///
+/// # Errors
+/// The first I/O error, or end of file.
+pub async fn serve<P: AsyncRead + AsyncWrite + Unpin>(mut port: P, bus: SimBus) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 256];
+    loop {
+        let n = port.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Ok(len) = rmodbus::guess_request_frame_len(&buf, ModbusProto::Rtu) {
+            let len = usize::from(len);
+            if buf.len() < len {
+                break;
+            }
+            let request: Vec<u8> = buf.drain(..len).collect();
+            let reply = {
+                let mut slaves = bus.lock().unwrap_or_else(PoisonError::into_inner);
+                slaves.iter_mut().find_map(|s| s.answer(&request))
+            };
+            if let Some(reply) = reply {
+                port.write_all(&reply).await?;
+            }
+        }
+        if buf.len() > 300 {
+            buf.clear();
+        }
+    }
+}
