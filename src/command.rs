@@ -12,10 +12,12 @@ pub enum Command {
     Config,
     /// The commands allowed here.
     Help,
+    /// Write a `writable` point of a Modbus slave.
+    Write,
 }
 
 impl Command {
-    pub const ALL: [Self; 4] = [Self::RestartDevice, Self::Metrics, Self::Config, Self::Help];
+    pub const ALL: [Self; 5] = [Self::RestartDevice, Self::Metrics, Self::Config, Self::Help, Self::Write];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -23,6 +25,7 @@ impl Command {
             Self::Metrics => "metrics",
             Self::Config => "config",
             Self::Help => "help",
+            Self::Write => "write",
         }
     }
 

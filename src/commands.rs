@@ -43,6 +43,8 @@ pub const RESTART_INTERVAL: Duration = Duration::from_secs(10);
 /// Command responses (with the other not-retained control messages) waiting to be sent, at
 /// most: they go ahead of readings, so this bounds what readings can be held up by.
 pub const RESPONSE_BUDGET: usize = 64 * 1024;
+/// A `write` not started on the bus within this is answered as failed and never made.
+pub const WRITE_START_WITHIN: Duration = Duration::from_secs(5);
 
 /// Why a command message was refused or ignored. One counter per reason; the names are metric
 /// keys (`commands.refused.<name>`) and stay stable.
@@ -71,10 +73,17 @@ pub enum Refusal {
     /// `restart_device` again within [`RESTART_INTERVAL`] for the same device.
     #[error("this device was restarted less than {}s ago; try again later", RESTART_INTERVAL.as_secs())]
     RestartTooSoon,
+    /// `write` to a bus that already has [`crate::device::WRITES_WAITING`] writes waiting, or
+    /// that is not running.
+    #[error("the bus is busy with other writes or not running; try again later")]
+    BusBusy,
+    /// `write` that the slave refused (an exception) or did not confirm in time.
+    #[error("the slave did not confirm the write")]
+    WriteFailed,
 }
 
 impl Refusal {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Retained,
         Self::Unknown,
         Self::RateLimited,
@@ -82,6 +91,8 @@ impl Refusal {
         Self::BadRequest,
         Self::NotAllowed,
         Self::RestartTooSoon,
+        Self::BusBusy,
+        Self::WriteFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +104,8 @@ impl Refusal {
             Self::BadRequest => "bad_request",
             Self::NotAllowed => "not_allowed",
             Self::RestartTooSoon => "restart_too_soon",
+            Self::BusBusy => "bus_busy",
+            Self::WriteFailed => "write_failed",
         }
     }
 
@@ -256,6 +269,52 @@ impl CommandContext {
         } else {
             (Value::Null, Err(Refusal::RateLimited.into()))
         };
+        let outcome = match outcome {
+            Ok(Done::Now(v)) => Ok(v),
+            Err(e) => Err(e),
+            Ok(Done::Later(pending)) => {
+                // The answer comes from the bus; the command task goes on meanwhile.
+                let responder = Responder::new(self, p, name);
+                tokio::spawn(async move {
+                    let outcome = pending.await;
+                    responder.respond(id, outcome, &mut false);
+                });
+                return;
+            }
+        };
+        Responder::new(self, p, name).respond(id, outcome, &mut limits.limiting);
+    }
+}
+
+/// Sends the response to one request (now, or once a write is done).
+struct Responder {
+    queue: Arc<ReadingQueue>,
+    stats: Arc<Stats>,
+    name: String,
+    topic: String,
+    correlation: Option<Bytes>,
+}
+
+impl Responder {
+    fn new(ctx: &CommandContext, p: &Message, name: &str) -> Self {
+        // MQTT 5 requests may say where to answer (the broker's ACL for our user decides
+        // where we may write); 3.1.1 ones are answered beside the request.
+        let topic = match &p.response_topic {
+            Some(t) if valid_response_topic(t) => t.clone(),
+            _ => format!("{}{name}/response", ctx.topics.cmd),
+        };
+        Self {
+            queue: Arc::clone(&ctx.queue),
+            stats: Arc::clone(&ctx.stats),
+            name: name.to_string(),
+            topic,
+            correlation: p.correlation_data.clone(),
+        }
+    }
+
+    /// `limiting`: whether rate-limit refusals are already being logged (then at DEBUG).
+    fn respond(self, id: Value, outcome: Result<Value, Refused>, limiting: &mut bool) {
+        let name = self.name.as_str();
         let response = match &outcome {
             Ok(result) => {
                 self.stats.executed.fetch_add(1, Relaxed);
@@ -265,7 +324,7 @@ impl CommandContext {
             Err(refused) => {
                 let n = self.stats.refused(refused.why);
                 let error = refused.to_string();
-                if refused.why != Refusal::RateLimited || !std::mem::replace(&mut limits.limiting, true) {
+                if refused.why != Refusal::RateLimited || !std::mem::replace(limiting, true) {
                     tracing::warn!(command = name, id = %id, refused = n, error = %error, "Command refused.");
                 } else {
                     tracing::debug!(command = name, refused = n, "Command refused: rate limited.");
@@ -273,22 +332,82 @@ impl CommandContext {
                 json!({"id": id, "ok": false, "error": error})
             }
         };
-        // MQTT 5 requests may say where to answer (the broker's ACL for our user decides
-        // where we may write); 3.1.1 ones are answered beside the request.
-        let topic = match &p.response_topic {
-            Some(t) if valid_response_topic(t) => t.clone(),
-            _ => format!("{}{name}/response", self.topics.cmd),
-        };
         let payload = Bytes::from(response.to_string());
-        let response = Control { topic, payload, retain: false, correlation: p.correlation_data.clone() };
+        let response = Control { topic: self.topic, payload, retain: false, correlation: self.correlation };
         if !self.queue.push_response(response, RESPONSE_BUDGET) {
             let n = self.stats.responses_dropped.fetch_add(1, Relaxed) + 1;
             tracing::warn!(command = name, dropped = n, "Too many command responses waiting; this one is dropped.");
         }
     }
+}
 
-    fn execute(&self, command: Command, body: &Value, limits: &mut Limits, now: Instant) -> Result<Value, Refused> {
+/// A command's result: at once, or when the bus has done a write.
+enum Done {
+    Now(Value),
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, Refused>> + Send>>),
+}
+
+impl CommandContext {
+    fn execute(&self, command: Command, body: &Value, limits: &mut Limits, now: Instant) -> Result<Done, Refused> {
+        if command == Command::Write {
+            return self.write(body);
+        }
+        self.execute_now(command, body, limits, now).map(Done::Now)
+    }
+
+    /// `write`: checks the request against the slave's config here (a clear refusal at once),
+    /// then hands it to the slave's bus, which writes between polls.
+    fn write(&self, body: &Value) -> Result<Done, Refused> {
+        let bad = |text: String| Refused::new(Refusal::BadRequest, text);
+        let usage = "give {\"device\": \"…\", \"point\": \"…\", \"value\": …}";
+        let (Some(device), Some(point), Some(value)) =
+            (body.get("device").and_then(Value::as_str), body.get("point").and_then(Value::as_str), body.get("value"))
+        else {
+            return Err(bad(format!("{usage} (a writable point of a Modbus slave)")));
+        };
+        let dev = self.devices.snapshot().into_iter().find(|d| d.name() == device);
+        let dev = dev.ok_or_else(|| bad(format!("no device {device:?}; devices: {}", self.device_names())))?;
+        let crate::config::Input::Modbus(slave) = &dev.config.input else {
+            return Err(bad(format!("{device:?} is not a Modbus slave; only points of [[bus.device]] can be written")));
+        };
+        let writable: Vec<&str> = slave.points.iter().filter(|p| p.writable).map(|p| p.name.as_str()).collect();
+        let p = slave.points.iter().find(|p| p.name == point).ok_or_else(|| {
+            bad(format!("{device:?} has no point {point:?}; its writable points: {}", writable.join(", ")))
+        })?;
+        if !p.writable {
+            return Err(bad(format!(
+                "point {point:?} of {device:?} is not writable (writable = true in its [[bus.device.point]] allows it); \
+                 writable points: {}",
+                writable.join(", ")
+            )));
+        }
+        p.encode(value).map_err(bad)?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job = crate::device::WriteJob {
+            device: device.to_string(),
+            point: point.to_string(),
+            value: value.clone(),
+            start_by: Instant::now() + WRITE_START_WITHIN,
+            done,
+        };
+        let sent = dev.writes.as_ref().is_some_and(|tx| tx.try_send(job).is_ok());
+        if !sent {
+            return Err(Refusal::BusBusy.into());
+        }
+        let reply = json!({"device": device, "point": point, "value": value});
+        Ok(Done::Later(Box::pin(async move {
+            match result.await {
+                Ok(Ok(())) => Ok(reply),
+                Ok(Err(e)) => Err(Refused::new(Refusal::WriteFailed, e)),
+                // The bus session ended (port lost, reload) before the write was made.
+                Err(_) => Err(Refused::new(Refusal::WriteFailed, "the bus stopped before the write was made".into())),
+            }
+        })))
+    }
+
+    fn execute_now(&self, command: Command, body: &Value, limits: &mut Limits, now: Instant) -> Result<Value, Refused> {
         match command {
+            Command::Write => unreachable!("write is answered later, see `write`"),
             Command::RestartDevice => {
                 let wanted = body.get("device").and_then(Value::as_str).ok_or_else(|| {
                     let names = self.device_names();

@@ -26,6 +26,22 @@ fn config(port: u16, path: &std::path::Path, slaves: &[(&str, u8, &str)]) -> Con
     Config::from_toml(&text).unwrap()
 }
 
+/// Simulated meters with these units answering on a pseudo-terminal linked at `dir`/bus.
+fn simulated_bus(
+    dir: &std::path::Path,
+    units: &[u8],
+) -> (SimBus, std::path::PathBuf, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let pty = PtyLink::create(&dir.join("bus")).unwrap();
+    let bus: SimBus = Arc::new(Mutex::new(units.iter().map(|&u| SimSlave::meter(u)).collect()));
+    let link = pty.link.clone();
+    let sim_bus = Arc::clone(&bus);
+    let server = tokio::spawn(async move {
+        let mut pty = pty;
+        sim::serve(&mut pty.master, sim_bus).await
+    });
+    (bus, link, server)
+}
+
 async fn metrics_where(sub: &mut Subscriber, pred: impl Fn(&Value) -> bool) -> Value {
     sub.wait_for(Duration::from_secs(20), |m| m.topic == "sensorgate/it/metrics" && pred(&m.json())).await.0.json()
 }
@@ -35,15 +51,8 @@ async fn a_silent_slave_costs_the_others_only_its_timeout_and_goes_stale() {
     let dir = common::tempdir();
     let broker = Mosquitto::start();
     let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
-    let pty = PtyLink::create(&dir.path().join("bus")).unwrap();
-    let bus: SimBus = Arc::new(Mutex::new(vec![SimSlave::meter(1), SimSlave::meter(2), SimSlave::meter(3)]));
+    let (bus, link, server) = simulated_bus(dir.path(), &[1, 2, 3]);
     bus.lock().unwrap()[1].faults.silent = true;
-    let link = pty.link.clone();
-    let sim_bus = Arc::clone(&bus);
-    let server = tokio::spawn(async move {
-        let mut pty = pty;
-        sim::serve(&mut pty.master, sim_bus).await
-    });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = config(broker.port, &link, &[("m1", 1, "100ms"), ("m2", 2, "100ms"), ("m3", 3, "100ms")]);
     let gateway = tokio::spawn(app::run(config, async { stopped.await.unwrap_or(()) }));
@@ -67,5 +76,53 @@ async fn a_silent_slave_costs_the_others_only_its_timeout_and_goes_stale() {
     stop.send(()).unwrap();
     let report = gateway.await.unwrap().unwrap();
     assert_eq!(report.lost(), 0);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_reaches_the_slave_between_polls_and_bad_writes_are_refused() {
+    let dir = common::tempdir();
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
+    let (bus, link, server) = simulated_bus(dir.path(), &[1]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut config = config(broker.port, &link, &[("m1", 1, "50ms")]);
+    config.commands.enabled = true;
+    let gateway = tokio::spawn(app::run(config, async { stopped.await.unwrap_or(()) }));
+    sub.wait_for(Duration::from_secs(10), |m| m.topic == "sensorgate/it/devices/m1/readings").await;
+
+    let response =
+        |id: &'static str| move |m: &common::Msg| m.topic == "sensorgate/it/cmd/write/response" && m.json()["id"] == id;
+    let write = |id: &str, point: &str, value: &str| {
+        format!(r#"{{"id":"{id}","device":"m1","point":"{point}","value":{value}}}"#)
+    };
+    common::publish(broker.port, "sensorgate/it/cmd/write", write("1", "setpoint", "19.5").as_bytes(), false).await;
+    let (ok, _) = sub.wait_for(Duration::from_secs(10), response("1")).await;
+    assert_eq!(ok.json()["ok"], true, "{}", ok.text());
+    assert_eq!(bus.lock().unwrap()[0].storage.holdings[10], 195, "the register holds 19.5 / 0.1");
+    sub.wait_for(Duration::from_secs(10), |m| {
+        m.topic == "sensorgate/it/devices/m1/readings" && m.json()["setpoint"] == 19.5
+    })
+    .await;
+    common::publish(broker.port, "sensorgate/it/cmd/write", write("2", "relay", "true").as_bytes(), false).await;
+    let (ok, _) = sub.wait_for(Duration::from_secs(10), response("2")).await;
+    assert_eq!(ok.json()["ok"], true, "{}", ok.text());
+    assert!(bus.lock().unwrap()[0].storage.coils[0]);
+
+    for (id, point, value, error) in [
+        ("3", "voltage", "1", "not writable"),
+        ("4", "setpoint", "5000", "out of range"),
+        ("5", "nope", "1", "has no point"),
+        ("6", "setpoint", "\"warm\"", "takes a number"),
+    ] {
+        common::publish(broker.port, "sensorgate/it/cmd/write", write(id, point, value).as_bytes(), false).await;
+        let (refused, _) = sub.wait_for(Duration::from_secs(10), response(id)).await;
+        let r = refused.json();
+        assert_eq!(r["ok"], false);
+        assert!(r["error"].as_str().unwrap().contains(error), "{r}");
+    }
+    assert_eq!(bus.lock().unwrap()[0].storage.holdings[10], 195, "refused writes wrote nothing");
+    stop.send(()).unwrap();
+    assert_eq!(gateway.await.unwrap().unwrap().lost(), 0);
     server.abort();
 }

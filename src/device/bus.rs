@@ -45,6 +45,9 @@ pub struct WriteJob {
     pub device: String,
     pub point: String,
     pub value: serde_json::Value,
+    /// Not started after this: a write must not happen long after it was asked for (the bus
+    /// was down meanwhile); it is answered as failed instead.
+    pub start_by: Instant,
     /// The result: `Ok` once the slave confirmed it, or why not.
     pub done: oneshot::Sender<Result<(), String>>,
 }
@@ -339,6 +342,11 @@ fn overran(bus: &BusConfig, slaves: &mut [Slave], i: usize, skipped: u64) {
 
 /// Writes a point for the `write` command, between polls.
 async fn write(line: &mut Line, slaves: &[Slave], job: WriteJob) -> Result<(), SessionEnd> {
+    if Instant::now() > job.start_by {
+        let _ =
+            job.done.send(Err("the bus could not take the write in time (was it down?); nothing was written".into()));
+        return Ok(());
+    }
     let Some(s) = slaves.iter().find(|s| s.runtime.name() == job.device) else {
         let _ = job.done.send(Err(format!("device {:?} is not a Modbus slave on a running bus", job.device)));
         return Ok(());
