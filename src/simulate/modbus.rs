@@ -1,14 +1,20 @@
 //! Simulated Modbus RTU slaves on one port (rmodbus's server side): an energy meter's register
 //! map whose values change with every request, and faults a test can switch on — a slave that
-//! never answers, a corrupted CRC, a reply from the wrong unit.
+//! never answers, a corrupted CRC, a reply from the wrong unit. [`serve_paced`] answers as
+//! late as a real line at a given baud rate would (a pseudo-terminal has none), for benches.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use rmodbus::server::storage::ModbusStorageSmall;
 use rmodbus::server::ModbusFrame;
 use rmodbus::ModbusProto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::modbus::rtu;
+use crate::telemetry::now_us;
 
 /// What a simulated slave does wrong.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,6 +34,9 @@ pub struct SimSlave {
     pub faults: Faults,
     /// Requests answered so far (drives the changing values).
     pub answered: u64,
+    /// Input registers from this address hold (u64, big word order) the time the reply is
+    /// sent, µs since the epoch: for measuring poll → broker latency.
+    pub clock_at: Option<u16>,
 }
 
 /// The meter's register map (documented for the demo config and the README):
@@ -94,14 +103,14 @@ type = "bool"
 impl SimSlave {
     /// A meter answering as `unit` (see [`METER_POINTS`]).
     pub fn meter(unit: u8) -> Self {
-        let mut s = Self { unit, storage: Box::default(), faults: Faults::default(), answered: 0 };
+        let mut s = Self { unit, storage: Box::default(), faults: Faults::default(), answered: 0, clock_at: None };
         s.storage.holdings[10] = 215;
-        s.update();
+        s.update(0);
         s
     }
 
-    /// Moves the values on (called before each answer).
-    fn update(&mut self) {
+    /// Moves the values on (called before each answer sent at `sent_us`).
+    fn update(&mut self, sent_us: u64) {
         let n = self.answered;
         let st = &mut self.storage;
         let v = (230.0 + (n % 10) as f32 / 10.0).to_bits();
@@ -115,14 +124,19 @@ impl SimSlave {
         st.inputs[5] = e as u16;
         st.inputs[6] = (-50 + (n % 50) as i16) as u16;
         st.discretes[0] = n % 2 == 0;
+        if let Some(at) = self.clock_at {
+            for (i, w) in st.inputs[usize::from(at)..usize::from(at) + 4].iter_mut().enumerate() {
+                *w = (sent_us >> (48 - 16 * i)) as u16;
+            }
+        }
     }
 
-    /// The reply to `request` if this slave is addressed and answers.
-    fn answer(&mut self, request: &[u8]) -> Option<Vec<u8>> {
+    /// The reply to `request`, to be sent at `sent_us`, if this slave is addressed and answers.
+    fn answer(&mut self, request: &[u8], sent_us: u64) -> Option<Vec<u8>> {
         if request.first() != Some(&self.unit) || self.faults.silent {
             return None;
         }
-        self.update();
+        self.update(sent_us);
         let as_unit = self.faults.reply_as.unwrap_or(self.unit);
         let mut req = request.to_vec();
         if as_unit != self.unit {
@@ -177,11 +191,45 @@ pub type SimBus = Arc<Mutex<Vec<SimSlave>>>;
 ///
 /// # Errors
 /// The first I/O error, or end of file.
-pub async fn serve<P: AsyncRead + AsyncWrite + Unpin>(mut port: P, bus: SimBus) -> io::Result<()> {
+pub async fn serve<P: AsyncRead + AsyncWrite + Unpin>(port: P, bus: SimBus) -> io::Result<()> {
+    serve_with(port, bus, None).await
+}
+
+/// How late [`serve_paced`] answered, beyond what the line's timing asks for (the
+/// simulator's own error, to be told apart from the gateway's).
+#[derive(Debug, Default)]
+pub struct Pacing {
+    pub replies: AtomicU64,
+    pub late_us_total: AtomicU64,
+    pub late_us_max: AtomicU64,
+}
+
+/// [`serve`], with each reply written when it would have fully arrived on a real line at
+/// `baud`: the request's wire time, the 3.5-character silence by which the slave knows the
+/// request has ended, then the reply's wire time (11 bits a byte). The silence after the
+/// reply is the master's to wait. `pacing` counts how late replies were.
+///
+/// # Errors
+/// The first I/O error, or end of file.
+pub async fn serve_paced<P: AsyncRead + AsyncWrite + Unpin>(
+    port: P,
+    bus: SimBus,
+    baud: u32,
+    pacing: Arc<Pacing>,
+) -> io::Result<()> {
+    serve_with(port, bus, Some((baud, pacing))).await
+}
+
+async fn serve_with<P: AsyncRead + AsyncWrite + Unpin>(
+    mut port: P,
+    bus: SimBus,
+    paced: Option<(u32, Arc<Pacing>)>,
+) -> io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 256];
     loop {
         let n = port.read(&mut chunk).await?;
+        let arrived = Instant::now();
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -192,16 +240,86 @@ pub async fn serve<P: AsyncRead + AsyncWrite + Unpin>(mut port: P, bus: SimBus) 
                 break;
             }
             let request: Vec<u8> = buf.drain(..len).collect();
+            let send_at = paced.as_ref().map_or(arrived, |(baud, _)| {
+                arrived + rtu::wire_time(len + reply_len(&request), *baud) + rtu::silence(*baud)
+            });
+            let sent_us = now_us() + send_at.saturating_duration_since(Instant::now()).as_micros() as u64;
             let reply = {
                 let mut slaves = bus.lock().unwrap_or_else(PoisonError::into_inner);
-                slaves.iter_mut().find_map(|s| s.answer(&request))
+                slaves.iter_mut().find_map(|s| s.answer(&request, sent_us))
             };
             if let Some(reply) = reply {
+                if let Some((_, pacing)) = &paced {
+                    sleep_until(send_at).await;
+                    let late = send_at.elapsed().as_micros() as u64;
+                    pacing.replies.fetch_add(1, Relaxed);
+                    pacing.late_us_total.fetch_add(late, Relaxed);
+                    pacing.late_us_max.fetch_max(late, Relaxed);
+                }
                 port.write_all(&reply).await?;
             }
         }
         if buf.len() > 300 {
             buf.clear();
         }
+    }
+}
+
+/// The length of a normal reply to `request` (read: unit, function, byte count, data, CRC;
+/// write: an 8-byte echo).
+fn reply_len(request: &[u8]) -> usize {
+    if request.len() < 6 {
+        return 5;
+    }
+    let count = usize::from(u16::from_be_bytes([request[4], request[5]]));
+    match request[1] {
+        1 | 2 => 5 + count.div_ceil(8),
+        3 | 4 => 5 + 2 * count,
+        _ => 8,
+    }
+}
+
+/// Sleeps until `at` to within tens of µs. tokio's timer ticks in whole milliseconds, as long
+/// as a 115 200-baud reply takes to send: it would add up to a millisecond to every reply.
+async fn sleep_until(at: Instant) {
+    let left = at.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return;
+    }
+    // On a blocking-pool thread, not a runtime worker.
+    #[allow(clippy::disallowed_methods)]
+    let nap = move || std::thread::sleep(left);
+    let _ = tokio::task::spawn_blocking(nap).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::modbus::{Request, Table, Transaction};
+
+    /// Real time: the pacing sleeps on a blocking thread, which paused time cannot drive. The
+    /// bounds hold however slow the machine: a reply never comes before the line allows.
+    #[tokio::test]
+    async fn a_paced_reply_arrives_when_a_real_line_would_deliver_it_stamped_with_that_time() {
+        let (mut master, port) = tokio::io::duplex(256);
+        let meter = SimSlave { clock_at: Some(8), ..SimSlave::meter(1) };
+        let pacing = Arc::new(Pacing::default());
+        tokio::spawn(serve_paced(port, Arc::new(Mutex::new(vec![meter])), 9600, Arc::clone(&pacing)));
+        // The clock's 4 registers: 8 bytes out, 13 back.
+        let tx = Transaction::read(1, &Request { table: Table::Input, start: 8, count: 4, points: vec![] });
+        let (asked, asked_us) = (Instant::now(), now_us());
+        master.write_all(tx.request()).await.unwrap();
+        let mut reply = [0u8; 13];
+        master.read_exact(&mut reply).await.unwrap();
+        let (took, got_us) = (asked.elapsed(), now_us());
+
+        let line = rtu::wire_time(8 + 13, 9600) + rtu::silence(9600);
+        assert!(took >= line, "answered after {took:?}; the line needs {line:?}");
+        let sent = rtu::words(tx.check(&reply).unwrap()).fold(0u64, |t, w| t << 16 | u64::from(w));
+        assert!(sent >= asked_us + line.as_micros() as u64, "stamped {}µs after the request", sent - asked_us);
+        // The stamp is the send time, not later than the reply was read (1 ms for the two
+        // clocks, wall and monotonic, drifting apart).
+        assert!(sent <= got_us + 1000, "stamped {}µs after it was read", sent - got_us);
+        assert_eq!(pacing.replies.load(Relaxed), 1);
     }
 }
