@@ -13,6 +13,12 @@ use crate::payload::RESERVED_KEY;
 const MIN_PACKET_SIZE: u64 = 128;
 const MAX_PACKET_SIZE: u64 = 268_435_455;
 
+/// The longest `query`: a command to a sensor, not a payload.
+const MAX_QUERY: usize = 256;
+/// `query_interval` and `write_timeout` floor: below it a tick or a write of a few bytes at
+/// 9600 baud cannot be kept.
+const MIN_WRITE_TIME: Duration = Duration::from_millis(10);
+
 impl MqttConfig {
     /// A username and password would cross the network in clear text: plain TCP (no
     /// `[mqtt.tls]`) to a host that is not this machine. Loopback is exempt (a broker on the
@@ -362,6 +368,7 @@ impl Config {
                 "lower max_frame or raise queue.max_bytes",
             ));
         }
+        self.validate_query(p, i, s);
         if !s.channels.is_empty() && !s.format().is_binary() {
             p.push(Problem::new(
                 k("channel"),
@@ -399,6 +406,45 @@ impl Config {
                     "give each channel its own name",
                 ));
             }
+        }
+    }
+
+    /// The query keys of a stream input: `query` and `query_interval` together, bounded.
+    fn validate_query(&self, p: &mut Vec<Problem>, i: usize, s: &StreamConfig) {
+        let k = |field: &str| format!("device[{i}].{field}");
+        match (&s.query, s.query_interval) {
+            (Some(_), None) => p.push(Problem::new(
+                k("query_interval"),
+                "must be set when query is",
+                "add how often the query is sent, e.g. query_interval = \"5s\"",
+            )),
+            (None, Some(_)) => p.push(Problem::new(
+                k("query_interval"),
+                "is set but query is not",
+                "add the bytes the sensor answers, e.g. query = \"R\\r\", or remove query_interval",
+            )),
+            _ => {}
+        }
+        if let Some(q) = &s.query {
+            if q.is_empty() {
+                p.push(Problem::new(
+                    k("query"),
+                    "is empty",
+                    "write the bytes the sensor answers, e.g. query = \"R\\r\", or remove query and query_interval",
+                ));
+            } else if q.len() > MAX_QUERY {
+                p.push(Problem::new(
+                    k("query"),
+                    format!("is {} bytes long, more than {MAX_QUERY}", q.len()),
+                    "a query is a short command; shorten it",
+                ));
+            }
+        }
+        if s.query_interval.is_some_and(|d| d < MIN_WRITE_TIME) {
+            p.push(Problem::new(k("query_interval"), "must be at least 10ms", "use e.g. \"5s\""));
+        }
+        if s.write_timeout < MIN_WRITE_TIME {
+            p.push(Problem::new(k("write_timeout"), "must be at least 10ms", "remove it to use 1s"));
         }
     }
 }
