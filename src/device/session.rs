@@ -1,5 +1,6 @@
-//! One open port: read under the idle timeout, hand chunks to the decode thread, end on any
-//! I/O error, EOF, silence or decoder panic. The supervisor decides what happens next.
+//! One open port: read under the idle timeout, hand chunks to the decode thread, write the
+//! query when one is due, end on any I/O error, EOF, silence, failed write or decoder panic.
+//! The supervisor decides what happens next.
 
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
@@ -12,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::query::{self, Query, WriteError};
 use super::worker::{Chunk, Worker};
 use super::{DeviceRuntime, SerialPort, State, SupervisorContext};
 use crate::config::{Input, StreamConfig};
@@ -45,6 +47,9 @@ pub enum SessionEnd {
     Io(#[from] io::Error),
     #[error("no data for {0:?}")]
     Idle(Duration),
+    /// Writing the query failed or timed out (`write_timeout`).
+    #[error(transparent)]
+    Write(WriteError),
     #[error("decoder panicked: {0}")]
     DecoderPanic(String),
     #[error("restart requested")]
@@ -105,15 +110,33 @@ async fn run_stream(
     let mut idle_deadline = Instant::now() + idle;
     let mut tick = liveness::ticker();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // The first query goes out now, right after the port opened.
+    let mut query = stream.query().map(|(bytes, every)| Query::new(bytes, every, stream.write_timeout));
     let mut end = loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
+        // `read_buf` is cancel safe: a query that wins the race loses no bytes.
         let read = tokio::select! {
             biased;
             _ = dev_cancel.cancelled() => break SessionEnd::Cancelled,
             msg = &mut panic_rx => break SessionEnd::DecoderPanic(msg.unwrap_or_else(|_| "decode thread ended".into())),
             _ = dev.restart.notified() => break SessionEnd::Requested,
+            q = query::next_due(&mut query) => {
+                // Not read meanwhile: a query is a few bytes into the kernel's buffer, at once
+                // unless flow control holds the line, and the write timeout bounds that wait
+                // (the kernel keeps buffering what the sensor sends).
+                let sent = tokio::select! {
+                    biased;
+                    _ = dev_cancel.cancelled() => break SessionEnd::Cancelled,
+                    r = liveness::beating(&ctx.beat, &mut tick, q.send(&mut port)) => r,
+                };
+                match sent {
+                    Ok(()) => dev.counters.queries_sent.fetch_add(1, Relaxed),
+                    Err(e) => break SessionEnd::Write(e),
+                };
+                continue;
+            }
             r = liveness::beating(&ctx.beat, &mut tick, tokio::time::timeout_at(idle_deadline, port.read_buf(&mut buf))) => r,
         };
         match read {
