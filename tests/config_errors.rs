@@ -176,6 +176,7 @@ fn corpus(dir: &Path) -> Vec<Case> {
         case("empty query", cfg("", "query = \"\"\nquery_interval = \"5s\"\n"), "device[0].query", &["is empty"], "the bytes the sensor answers"),
         case("query over 256 bytes", cfg("", &format!("query = \"{}\"\nquery_interval = \"5s\"\n", "R".repeat(257))), "device[0].query", &["is 257 bytes long, more than 256"], "shorten it"),
         case("query_interval too short", cfg("", "query = \"R\\r\"\nquery_interval = \"5ms\"\n"), "device[0].query_interval", &["must be at least 10ms"], "\"5s\""),
+        case("query_interval not below idle_timeout", cfg("", "query = \"R\\r\"\nquery_interval = \"1m\"\n"), "device[0].idle_timeout", &["is 30s but query_interval is 1m: the device would go stale between answers"], "longer than query_interval"),
         case("write_timeout too short", cfg("", "write_timeout = \"1ms\"\n"), "device[0].write_timeout", &["must be at least 10ms"], "remove it to use 1s"),
         case("query as a number", cfg("", "query = 82\nquery_interval = \"5s\"\n"), "device[0].query", &["invalid type: integer `82`, expected a string"], FIX_TYPE)
             .at("query = 82"),

@@ -296,7 +296,10 @@ impl Config {
             p.push(Problem::new(k("idle_timeout"), "must be at least 100ms", "use e.g. \"30s\""));
         }
         match &d.input {
-            Input::Stream(stream) => self.validate_stream(p, i, stream),
+            Input::Stream(stream) => {
+                self.validate_stream(p, i, stream);
+                validate_query(p, i, stream, d.idle_timeout);
+            }
             // Slaves come from [[bus]] tables, checked with their bus.
             Input::Modbus(_) => {}
         }
@@ -368,7 +371,6 @@ impl Config {
                 "lower max_frame or raise queue.max_bytes",
             ));
         }
-        self.validate_query(p, i, s);
         if !s.channels.is_empty() && !s.format().is_binary() {
             p.push(Problem::new(
                 k("channel"),
@@ -408,44 +410,59 @@ impl Config {
             }
         }
     }
+}
 
-    /// The query keys of a stream input: `query` and `query_interval` together, bounded.
-    fn validate_query(&self, p: &mut Vec<Problem>, i: usize, s: &StreamConfig) {
-        let k = |field: &str| format!("device[{i}].{field}");
-        match (&s.query, s.query_interval) {
-            (Some(_), None) => p.push(Problem::new(
-                k("query_interval"),
-                "must be set when query is",
-                "add how often the query is sent, e.g. query_interval = \"5s\"",
-            )),
-            (None, Some(_)) => p.push(Problem::new(
-                k("query_interval"),
-                "is set but query is not",
-                "add the bytes the sensor answers, e.g. query = \"R\\r\", or remove query_interval",
-            )),
-            _ => {}
+/// The query keys of a stream input: `query` and `query_interval` together, bounded, and
+/// answers expected more often than the device's `idle_timeout`.
+fn validate_query(p: &mut Vec<Problem>, i: usize, s: &StreamConfig, idle_timeout: Duration) {
+    let k = |field: &str| format!("device[{i}].{field}");
+    match (&s.query, s.query_interval) {
+        (Some(_), None) => p.push(Problem::new(
+            k("query_interval"),
+            "must be set when query is",
+            "add how often the query is sent, e.g. query_interval = \"5s\"",
+        )),
+        (None, Some(_)) => p.push(Problem::new(
+            k("query_interval"),
+            "is set but query is not",
+            "add the bytes the sensor answers, e.g. query = \"R\\r\", or remove query_interval",
+        )),
+        _ => {}
+    }
+    if let Some(q) = &s.query {
+        if q.is_empty() {
+            p.push(Problem::new(
+                k("query"),
+                "is empty",
+                "write the bytes the sensor answers, e.g. query = \"R\\r\", or remove query and query_interval",
+            ));
+        } else if q.len() > MAX_QUERY {
+            p.push(Problem::new(
+                k("query"),
+                format!("is {} bytes long, more than {MAX_QUERY}", q.len()),
+                "a query is a short command; shorten it",
+            ));
         }
-        if let Some(q) = &s.query {
-            if q.is_empty() {
-                p.push(Problem::new(
-                    k("query"),
-                    "is empty",
-                    "write the bytes the sensor answers, e.g. query = \"R\\r\", or remove query and query_interval",
-                ));
-            } else if q.len() > MAX_QUERY {
-                p.push(Problem::new(
-                    k("query"),
-                    format!("is {} bytes long, more than {MAX_QUERY}", q.len()),
-                    "a query is a short command; shorten it",
-                ));
-            }
-        }
-        if s.query_interval.is_some_and(|d| d < MIN_WRITE_TIME) {
+    }
+    match s.query_interval {
+        Some(every) if every < MIN_WRITE_TIME => {
             p.push(Problem::new(k("query_interval"), "must be at least 10ms", "use e.g. \"5s\""));
         }
-        if s.write_timeout < MIN_WRITE_TIME {
-            p.push(Problem::new(k("write_timeout"), "must be at least 10ms", "remove it to use 1s"));
-        }
+        // A sensor that speaks only when asked is silent between queries: it would be `stale`
+        // (and its port reopened) before every answer.
+        Some(every) if s.query.is_some() && every >= idle_timeout => p.push(Problem::new(
+            k("idle_timeout"),
+            format!(
+                "is {} but query_interval is {}: the device would go stale between answers",
+                humantime::format_duration(idle_timeout),
+                humantime::format_duration(every)
+            ),
+            "set idle_timeout longer than query_interval, e.g. to a few intervals",
+        )),
+        _ => {}
+    }
+    if s.write_timeout < MIN_WRITE_TIME {
+        p.push(Problem::new(k("write_timeout"), "must be at least 10ms", "remove it to use 1s"));
     }
 }
 
