@@ -34,6 +34,8 @@ struct Tally {
     seen: u64,
     /// Queries answered with one JSON line `{"n": <answer index>}`.
     answered: u64,
+    /// When the reads that held queries returned (for the figures printed, not asserted).
+    read_at: Vec<std::time::Instant>,
 }
 
 /// A sensor on the pty master: reads queries and answers each of the first `answer` with one
@@ -60,6 +62,9 @@ fn sensor(mut pty: PtyLink, answer: u64, mut stop: oneshot::Receiver<()>) -> tok
                 }
             };
             let got = read.expect("the pty master reads");
+            if !stopping && buf[..got].contains(&QUERY_END) {
+                tally.read_at.push(std::time::Instant::now());
+            }
             for _ in buf[..got].iter().filter(|b| **b == QUERY_END) {
                 tally.seen += 1;
                 if tally.answered < answer {
@@ -122,11 +127,18 @@ async fn a_sensor_that_answers_when_asked_gets_one_reading_per_query_answered() 
     assert_eq!((n(dev, "frames_in"), n(dev, "readings"), n(dev, "delivered")), (ANSWERED, ANSWERED, ANSWERED));
     assert_eq!(n(dev, "restarts"), 0);
     assert_identities(dev);
+    let gaps: Vec<f64> = tally.read_at.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+    let span: f64 = gaps.iter().sum();
     eprintln!(
-        "queries: {} sent and read, {} answered → {} readings delivered",
+        "queries: {} sent and read, {} answered → {} readings delivered; query_interval 50 ms: {} reads \
+         with queries over {span:.1} ms ({:.2} ms apart on average, {:.2}..{:.2} ms)",
         tally.seen,
         tally.answered,
-        n(dev, "delivered")
+        n(dev, "delivered"),
+        tally.read_at.len(),
+        span / gaps.len() as f64,
+        gaps.iter().copied().fold(f64::INFINITY, f64::min),
+        gaps.iter().copied().fold(0.0, f64::max),
     );
 }
 
