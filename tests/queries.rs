@@ -197,3 +197,46 @@ async fn a_query_the_port_cannot_take_times_out_ends_the_session_and_the_device_
     let (_pty, tally) = answering.await.unwrap();
     assert!(tally.answered > 0);
 }
+
+/// While a query waits for room on the port (the sensor does not read), the port is still
+/// read: a reading the sensor sends meanwhile is delivered at once, in the same session,
+/// not after the write timed out and the port was reopened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_port_is_read_while_a_query_waits_to_be_written() {
+    let dir = common::tempdir();
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
+    let probe = dir.path().join("probe");
+    let mut pty = PtyLink::create(&probe).unwrap();
+    let query = format!("R{}\\r", ".".repeat(254));
+    let extra = format!("query = \"{query}\"\nquery_interval = \"10ms\"\nwrite_timeout = \"10s\"\n");
+    let mut gw = Gateway::start(dir.path(), &config(broker.port, &probe, &extra, None));
+
+    // Blocked: queries_sent has not moved for a second (a hundred ticks).
+    let mut last = None;
+    let stalled = loop {
+        let (m, _) = metrics_where(&mut sub, |m| n(&m["devices"]["probe"], "queries_sent") > 0).await;
+        let sent = n(&m["devices"]["probe"], "queries_sent");
+        match last {
+            Some((at, s)) if s == sent && std::time::Instant::now() - at >= Duration::from_secs(1) => break sent,
+            Some((_, s)) if s == sent => {}
+            _ => last = Some((std::time::Instant::now(), sent)),
+        }
+    };
+    write_all(&mut pty.master, b"{\"n\":1}\n").await;
+    let (reading, _) = sub.wait_for(Duration::from_secs(5), |m| m.topic.ends_with("/probe/readings")).await;
+    assert_eq!(reading.json()["n"], 1);
+    let (m, skipped) = metrics_where(&mut sub, |m| n(&m["devices"]["probe"], "delivered") == 1).await;
+    let dev = &m["devices"]["probe"];
+    assert_eq!(
+        (n(dev, "queries_sent"), n(dev, "restarts")),
+        (stalled, 0),
+        "still the same session, write still waiting: {dev}"
+    );
+    assert_eq!(dev["state"], "up");
+    assert!(!skipped.iter().any(|m| probe_state(m).is_some()), "no state change");
+    eprintln!("read while blocked: {stalled} queries filled the pty; the reading was delivered in the same session");
+
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait(Duration::from_secs(10)).success(), "a waiting write does not hold up the shutdown");
+}

@@ -3,8 +3,10 @@
 //! The supervisor decides what happens next.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -13,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::query::{self, Query, WriteError};
+use super::query::{Query, WriteError};
 use super::worker::{Chunk, Worker};
 use super::{DeviceRuntime, SerialPort, State, SupervisorContext};
 use crate::config::{Input, StreamConfig};
@@ -116,35 +118,23 @@ async fn run_stream(
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
-        // `read_buf` is cancel safe: a query that wins the race loses no bytes.
-        let read = tokio::select! {
+        let step = tokio::select! {
             biased;
             _ = dev_cancel.cancelled() => break SessionEnd::Cancelled,
             msg = &mut panic_rx => break SessionEnd::DecoderPanic(msg.unwrap_or_else(|_| "decode thread ended".into())),
             _ = dev.restart.notified() => break SessionEnd::Requested,
-            q = query::next_due(&mut query) => {
-                // Not read meanwhile: a query is a few bytes into the kernel's buffer, at once
-                // unless flow control holds the line, and the write timeout bounds that wait
-                // (the kernel keeps buffering what the sensor sends).
-                let sent = tokio::select! {
-                    biased;
-                    _ = dev_cancel.cancelled() => break SessionEnd::Cancelled,
-                    r = liveness::beating(&ctx.beat, &mut tick, q.send(&mut port)) => r,
-                };
-                match sent {
-                    Ok(()) => dev.counters.queries_sent.fetch_add(1, Relaxed),
-                    Err(e) => break SessionEnd::Write(e),
-                };
-                continue;
-            }
-            r = liveness::beating(&ctx.beat, &mut tick, tokio::time::timeout_at(idle_deadline, port.read_buf(&mut buf))) => r,
+            r = liveness::beating(&ctx.beat, &mut tick, tokio::time::timeout_at(idle_deadline, read_or_query(&mut port, &mut buf, &mut query))) => r,
         };
-        match read {
+        match step {
             Err(_) => break SessionEnd::Idle(idle),
+            Ok(Step::Queried(Ok(()))) => {
+                dev.counters.queries_sent.fetch_add(1, Relaxed);
+            }
+            Ok(Step::Queried(Err(e))) => break SessionEnd::Write(e),
             // Never read again after Ok(0): on an unplugged adapter it repeats forever.
-            Ok(Ok(0)) => break SessionEnd::Eof,
-            Ok(Err(e)) => break SessionEnd::Io(e),
-            Ok(Ok(n)) => {
+            Ok(Step::Read(Ok(0))) => break SessionEnd::Eof,
+            Ok(Step::Read(Err(e))) => break SessionEnd::Io(e),
+            Ok(Step::Read(Ok(n))) => {
                 idle_deadline = Instant::now() + idle;
                 dev.counters.bytes_in.fetch_add(n as u64, Relaxed);
                 if std::mem::take(&mut up_on_data) {
@@ -190,6 +180,33 @@ async fn run_stream(
         }
     }
     end
+}
+
+/// What one turn of a stream session's port brought.
+enum Step {
+    Read(io::Result<usize>),
+    /// A query was written in full, or writing it failed or timed out.
+    Queried(Result<(), WriteError>),
+}
+
+/// Reads the port into `buf` and, for a device with a query, drives the query's schedule and
+/// write on the same port: whichever completes first. The port is read while a query waits to
+/// be written (with flow control, the sensor may hold our write until we read its answer).
+/// Cancel safe: a read is only polled, so bytes are never lost, and a query's progress lives
+/// in `query`.
+fn read_or_query<'a>(
+    port: &'a mut SerialPort,
+    buf: &'a mut BytesMut,
+    query: &'a mut Option<Query>,
+) -> impl std::future::Future<Output = Step> + 'a {
+    std::future::poll_fn(move |cx| {
+        if let Some(q) = query.as_mut() {
+            if let Poll::Ready(sent) = q.poll_send(Pin::new(&mut *port), cx) {
+                return Poll::Ready(Step::Queried(sent));
+            }
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut *port), cx, buf).map(Step::Read)
+    })
 }
 
 /// At shutdown: what the port already holds — bytes the sensor sent before the signal, still
