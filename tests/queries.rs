@@ -76,6 +76,12 @@ fn sensor(mut pty: PtyLink, answer: u64, mut stop: oneshot::Receiver<()>) -> tok
     })
 }
 
+/// Device keys for a 256-byte query every 10 ms: a pty nobody reads is full within a second.
+fn flooding_query(write_timeout: &str) -> String {
+    let query = format!("R{}\\r", ".".repeat(254));
+    format!("query = \"{query}\"\nquery_interval = \"10ms\"\nwrite_timeout = \"{write_timeout}\"\n")
+}
+
 async fn metrics_where(sub: &mut Subscriber, pred: impl Fn(&Value) -> bool) -> (Value, Vec<Msg>) {
     let (m, skipped) =
         sub.wait_for(Duration::from_secs(20), |m| m.topic == "sensorgate/it/metrics" && pred(&m.json())).await;
@@ -153,9 +159,7 @@ async fn a_query_the_port_cannot_take_times_out_ends_the_session_and_the_device_
     let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
     let probe = dir.path().join("probe");
     let pty = PtyLink::create(&probe).unwrap();
-    // 256 bytes every 10 ms: the pty's buffer is full within a second.
-    let query = format!("R{}\\r", ".".repeat(254));
-    let extra = format!("query = \"{query}\"\nquery_interval = \"10ms\"\nwrite_timeout = \"200ms\"\n");
+    let extra = flooding_query("200ms");
     let mut gw = Gateway::start(dir.path(), &config(broker.port, &probe, &extra, None));
 
     let (m, skipped) =
@@ -208,8 +212,7 @@ async fn the_port_is_read_while_a_query_waits_to_be_written() {
     let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
     let probe = dir.path().join("probe");
     let mut pty = PtyLink::create(&probe).unwrap();
-    let query = format!("R{}\\r", ".".repeat(254));
-    let extra = format!("query = \"{query}\"\nquery_interval = \"10ms\"\nwrite_timeout = \"10s\"\n");
+    let extra = flooding_query("10s");
     let mut gw = Gateway::start(dir.path(), &config(broker.port, &probe, &extra, None));
 
     // Blocked: queries_sent has not moved for a second (a hundred ticks).
