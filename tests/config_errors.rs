@@ -203,7 +203,7 @@ fn corpus(dir: &Path) -> Vec<Case> {
         case("duration without a unit", cfg("", "idle_timeout = 30\n"), "device[0].idle_timeout", &["a duration needs a unit, e.g. \"30s\""], FIX_DURATION),
         case("negative size", cfg("", "max_frame = -1\n"), "device[0].max_frame", &["invalid size -1", "cannot be negative"], FIX_SIZE),
         case("zero max_readings", cfg("[queue]\nmax_readings = 0\n", ""), "queue.max_readings", &["nonzero"], "use a number above 0"),
-        case("no devices", GW.to_string(), "device", &["no [[device]] is configured"], "add a [[device]] table"),
+        case("no devices", GW.to_string(), "device", &["no [[device]] or [[bus]] is configured"], "add a [[device]] table"),
     ]
 }
 
