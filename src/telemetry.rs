@@ -20,6 +20,8 @@ pub struct DeviceCounters {
     /// Frames the sensor numbered but that never arrived (binary frames only).
     pub sequence_gaps: AtomicU64,
     pub restarts: AtomicU64,
+    /// Queries written to the port in full (devices with a `query`).
+    pub queries_sent: AtomicU64,
     /// Microseconds since the epoch of the last reading, 0 before the first.
     pub last_reading_us: AtomicU64,
     /// Modbus: exception responses by code (index = code for 1..=11, 0 for any other).
