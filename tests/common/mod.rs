@@ -199,12 +199,7 @@ impl Gateway {
 
 /// utime + stime of a process, in seconds (from /proc).
 pub fn cpu_seconds(pid: i32) -> f64 {
-    cpu_seconds_of(&format!("/proc/{pid}/stat"))
-}
-
-/// utime + stime from a /proc `stat` file (a process's, or one thread's under `task/`), in seconds.
-pub fn cpu_seconds_of(stat_path: &str) -> f64 {
-    let stat = std::fs::read_to_string(stat_path).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = after_comm.split_whitespace().collect();
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
