@@ -305,14 +305,19 @@ fn floor_forwarder(arg: &str) {
     });
 }
 
+/// The `framing` and `format` names of `spec` in the gateway's config.
+fn config_names(spec: SimSpec) -> (&'static str, &'static str) {
+    match spec.framing {
+        Framing::Lines => ("lines", "json"),
+        Framing::Cobs => ("cobs", "postcard"),
+    }
+}
+
 async fn run(sc: Scenario) -> Outcome {
     let dir = common::tempdir();
     let broker = Mosquitto::start();
     let mut sub = Subscriber::connect(broker.port, "sensorgate/b/#").await;
-    let (framing, format) = match sc.spec.framing {
-        Framing::Lines => ("lines", "json"),
-        Framing::Cobs => ("cobs", "postcard"),
-    };
+    let (framing, format) = config_names(sc.spec);
     let mut config =
         format!("[gateway]\nid = \"b\"\nmetrics_interval = \"1h\"\n[mqtt]\nport = {}\nqos = {}\n", broker.port, sc.qos);
     let mut ptys = Vec::new();
@@ -460,10 +465,7 @@ fn print_row(sc: &Scenario, o: &Outcome) {
         if sc.floor { "floor" } else { "gateway" },
         if sc.rate == 0 { "-" } else if sc.paced { "paced" } else { "burst" },
         sc.devices,
-        match sc.spec.framing {
-            Framing::Lines => "lines",
-            Framing::Cobs => "cobs",
-        },
+        config_names(sc.spec).0,
         sc.qos,
         if sc.rate == 0 { "max".to_string() } else { format!("{}/s", sc.rate) },
         o.got as f64 / o.elapsed,
