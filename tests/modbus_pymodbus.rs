@@ -110,22 +110,31 @@ impl Drop for PySlave {
 
 // ---- The wire between them -----------------------------------------------------------------
 
+/// How the wire spoils a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spoil {
+    /// The last CRC byte flipped.
+    Crc,
+    /// Rewritten to come from this unit: a valid frame, its CRC computed again.
+    FromUnit(u8),
+    /// One byte more after the frame, before the line falls silent.
+    Overlong,
+    /// The last byte never sent.
+    Cut,
+}
+
 /// What the wire does to replies, and what it has done (per unit).
 #[derive(Debug, Default)]
 struct WireState {
     /// Units whose replies never reach the gateway.
     silent: Vec<u8>,
-    /// Per unit: how many of its next replies get a flipped CRC byte.
-    corrupt: HashMap<u8, u32>,
-    /// Per unit: how many of its next replies are rewritten to come from another unit (a
-    /// valid frame: the CRC is computed again).
-    impersonate: HashMap<u8, (u8, u32)>,
+    /// Per unit: how its next replies are spoiled, and how many of them.
+    spoil: HashMap<u8, (Spoil, u32)>,
     /// Requests seen per unit.
     requests: HashMap<u8, u64>,
-    /// Replies kept off the line, corrupted and rewritten, per unit.
+    /// Replies kept off the line, and spoiled, per unit.
     dropped: HashMap<u8, u64>,
-    corrupted: HashMap<u8, u64>,
-    rewritten: HashMap<u8, u64>,
+    spoiled: HashMap<u8, u64>,
 }
 
 type Shared = Arc<Mutex<WireState>>;
@@ -178,18 +187,20 @@ fn tamper(state: &mut WireState, unit: u8, mut reply: Vec<u8>) -> Option<Vec<u8>
         *state.dropped.entry(unit).or_default() += 1;
         return None;
     }
-    if let Some(left) = state.corrupt.get_mut(&unit).filter(|l| **l > 0) {
-        *left -= 1;
-        *state.corrupted.entry(unit).or_default() += 1;
-        *reply.last_mut().unwrap() ^= 0x5a;
-        return Some(reply);
-    }
-    if let Some((other, left)) = state.impersonate.get_mut(&unit).filter(|(_, l)| *l > 0) {
-        *left -= 1;
-        *state.rewritten.entry(unit).or_default() += 1;
-        reply.truncate(reply.len() - 2);
-        reply[0] = *other;
-        return Some(with_crc(reply));
+    let Some((how, left)) = state.spoil.get_mut(&unit).filter(|(_, left)| *left > 0) else { return Some(reply) };
+    *left -= 1;
+    *state.spoiled.entry(unit).or_default() += 1;
+    match *how {
+        Spoil::Crc => *reply.last_mut().unwrap() ^= 0x5a,
+        Spoil::FromUnit(other) => {
+            reply.truncate(reply.len() - 2);
+            reply[0] = other;
+            reply = with_crc(reply);
+        }
+        Spoil::Overlong => reply.push(0),
+        Spoil::Cut => {
+            reply.pop();
+        }
     }
     Some(reply)
 }
@@ -446,7 +457,7 @@ async fn every_point_type_in_both_word_orders_decodes_as_pymodbus_encoded_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_slave_goes_stale_and_the_others_keep_their_interval() {
+async fn a_silent_slave_goes_stale_and_up_again_while_the_others_keep_their_interval() {
     let Some(mut rig) = Rig::start().await else { return };
     rig.state().silent.push(4);
     // A silent slave costs request_timeout per cycle (retries = 0): 100 of every 200 ms.
@@ -463,7 +474,7 @@ async fn a_silent_slave_goes_stale_and_the_others_keep_their_interval() {
         let m = rig.wait(|m| m.topic.ends_with("/readings")).await;
         let r = m.json();
         let device = r["_gw"]["device"].as_str().unwrap().to_string();
-        assert_ne!(device, "m4", "a silent slave never makes a reading");
+        assert_ne!(device, "m4", "a slave that does not answer makes no reading");
         let unit = if device == "m2" { 2 } else { 3 };
         assert_meter(&r, unit);
         let at = r["_gw"]["received_at_us"].as_u64().unwrap();
@@ -482,12 +493,25 @@ async fn a_silent_slave_goes_stale_and_the_others_keep_their_interval() {
         // or (under heavy load) be skipped; both cost at most one reading.
         assert!(got.abs_diff(expected) <= 1, "{name}: {got} readings in {window_us} µs, expected {expected} ± 1");
     }
+    // Its replies reach the gateway again: `up`, and readings.
+    let silent_for = count(&rig.state().dropped, 4);
+    rig.state().silent.clear();
+    rig.state_is("m4", "up").await;
+    assert_meter(&rig.reading("m4").await, 4);
     let m = rig.stop(gw).await;
-    let dropped = count(&rig.state().dropped, 4);
+    let s = rig.state();
+    let (dropped, requests) = (count(&s.dropped, 4), count(&s.requests, 4));
+    drop(s);
+    assert!(dropped >= silent_for && silent_for >= 3, "{dropped} {silent_for}");
     let (m2, m3, m4) = (&m["devices"]["m2"], &m["devices"]["m3"], &m["devices"]["m4"]);
-    assert_eq!(n(m4, "readings"), 0);
-    assert_eq!(n(m4, "frames_in"), n(&m4["rejected"], "no_response"), "{m4}");
-    assert_eq!(n(m4, "frames_in"), dropped, "every request to m4 is one failed poll (retries = 0): {m4}");
+    assert_eq!(
+        n(&m4["rejected"], "no_response"),
+        dropped,
+        "every request to m4 unanswered is one failed poll (retries = 0): {m4}"
+    );
+    assert_eq!(n(m4, "frames_in"), n(m4, "readings") + dropped, "{m4}");
+    // Its polls since it answers again are two requests each (holding, then input).
+    assert_eq!(requests, dropped + 2 * n(m4, "readings"), "{m4}");
     for dev in [m2, m3] {
         assert_eq!(n(&dev["rejected"], "total"), 0, "{dev}");
         // The silent slave fits the timeout budget: no tick skipped (one allowed for a machine
@@ -531,42 +555,57 @@ fn gw_log(rig: &Rig) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupted_crc_and_a_wrong_unit_are_counted_and_never_become_readings() {
+async fn spoiled_replies_are_counted_by_reason_and_never_become_readings() {
     let Some(mut rig) = Rig::start().await else { return };
-    let (bad_crcs, impostors) = (4u32, 3u32);
-    {
-        let mut s = rig.state();
-        s.corrupt.insert(2, bad_crcs);
-        s.impersonate.insert(3, (5, impostors));
-    }
-    // retries = 0: a bad CRC would otherwise be asked again, and the counts would depend on it.
-    // One register each, so a poll is one request whichever reply the wire spoils.
-    let level = || point("level", "holding", 0, "u16", "");
-    let slaves = [Slave("m2", 2, "50ms", level()), Slave("m3", 3, "50ms", level())];
-    let gw = rig.gateway(&config(&rig, "retries = 0", &slaves));
-    let m = rig.metrics_where(|m| m["devices"]["m2"]["readings"].as_u64() >= Some(10)).await;
-    assert_eq!(n(&m["devices"]["m2"]["rejected"], "bad_crc"), u64::from(bad_crcs), "{m}");
-    assert_eq!(n(&m["devices"]["m3"]["rejected"], "wrong_unit"), u64::from(impostors), "{m}");
+    // (device, unit, how its replies are spoiled, how many, the reason they are counted as)
+    let cases = [
+        ("m2", 2, Spoil::Crc, 4, "bad_crc"),
+        ("m3", 3, Spoil::FromUnit(5), 3, "wrong_unit"),
+        ("m4", 4, Spoil::Overlong, 2, "overlong_reply"),
+        ("m5", 5, Spoil::Cut, 2, "short_reply"),
+    ];
+    rig.state().spoil.extend(cases.iter().map(|&(_, unit, how, times, _)| (unit, (how, times))));
+    // retries = 0: a bad CRC or a cut reply would otherwise be asked again, and the counts would
+    // depend on the retry (see the retry test below). One register each, so a poll is one
+    // request whichever reply the wire spoils.
+    let slaves = cases.map(|(name, unit, ..)| Slave(name, unit, "50ms", point("level", "holding", 0, "u16", "")));
+    let gw = rig.gateway(&config(&rig, "request_timeout = \"100ms\"\nretries = 0", &slaves));
+    rig.metrics_where(|m| cases.iter().all(|c| m["devices"][c.0]["readings"].as_u64() >= Some(10))).await;
     let m = rig.stop(gw).await;
     // Every reading that got through carries its own unit's register.
     for r in rig.readings() {
-        assert_eq!(r["level"], if r["_gw"]["device"] == "m2" { 200 } else { 300 }, "{r}");
+        let unit = cases.iter().find(|c| r["_gw"]["device"] == c.0).unwrap().1;
+        assert_eq!(r["level"], u64::from(unit) * 100, "{r}");
     }
     let s = rig.state();
-    assert_eq!((count(&s.corrupted, 2), count(&s.rewritten, 3)), (u64::from(bad_crcs), u64::from(impostors)));
-    let (m2, m3) = (&m["devices"]["m2"], &m["devices"]["m3"]);
-    assert_eq!(
-        (n(&m2["rejected"], "total"), n(&m2["rejected"], "bad_crc")),
-        (u64::from(bad_crcs), u64::from(bad_crcs))
-    );
-    assert_eq!(
-        (n(&m3["rejected"], "total"), n(&m3["rejected"], "wrong_unit")),
-        (u64::from(impostors), u64::from(impostors))
-    );
-    assert_eq!(n(m2, "frames_in"), count(&s.requests, 2), "one request per poll: {m2}");
-    assert_eq!(n(m3, "frames_in"), count(&s.requests, 3), "one request per poll: {m3}");
-    common::assert_identities(m2);
-    common::assert_identities(m3);
+    for (name, unit, _, times, reason) in cases {
+        let dev = &m["devices"][name];
+        assert_eq!(count(&s.spoiled, unit), u64::from(times));
+        assert_eq!(
+            (n(&dev["rejected"], "total"), n(&dev["rejected"], reason)),
+            (u64::from(times), u64::from(times)),
+            "{dev}"
+        );
+        assert_eq!(n(dev, "frames_in"), count(&s.requests, unit), "one request per poll: {dev}");
+        common::assert_identities(dev);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_crc_is_asked_again_and_the_poll_still_reads() {
+    let Some(mut rig) = Rig::start().await else { return };
+    rig.state().spoil.insert(2, (Spoil::Crc, 3));
+    let gw =
+        rig.gateway(&config(&rig, "retries = 1", &[Slave("m2", 2, "50ms", point("level", "holding", 0, "u16", ""))]));
+    rig.metrics_where(|m| m["devices"]["m2"]["readings"].as_u64() >= Some(10)).await;
+    let m = rig.stop(gw).await;
+    let dev = &m["devices"]["m2"];
+    // Three spoiled replies in a row: the first poll asks twice and gets two of them (one
+    // failed poll, counted once as bad_crc); the second poll's first reply is the third, and its
+    // retry reads. Two polls took a request more each.
+    assert_eq!((n(&dev["rejected"], "total"), n(&dev["rejected"], "bad_crc")), (1, 1), "{dev}");
+    assert_eq!(count(&rig.state().requests, 2), n(dev, "frames_in") + 2, "{dev}");
+    common::assert_identities(dev);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
