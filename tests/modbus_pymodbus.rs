@@ -526,27 +526,37 @@ async fn a_silent_slave_goes_stale_and_up_again_while_the_others_keep_their_inte
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exception_response_is_counted_by_code_and_logged_once() {
     let Some(mut rig) = Rig::start().await else { return };
-    // pymodbus has no holding register 1000 on unit 2: exception 02 on every poll.
+    // pymodbus has no holding register 1000 on unit 2: exception 02 on every poll. It serves
+    // no unit 9, and answers for it anyway: exception 04.
     let missing = meter_points() + &point("ghost", "holding", 1000, "u16", "");
-    let gw = rig.gateway(&config(
-        &rig,
-        "retries = 0",
-        &[Slave("bad", 2, "50ms", missing), Slave("good", 3, "50ms", meter_points())],
-    ));
+    let slaves = [
+        Slave("bad", 2, "50ms", missing),
+        Slave("good", 3, "50ms", meter_points()),
+        Slave("nobody", 9, "50ms", meter_points()),
+    ];
+    let gw = rig.gateway(&config(&rig, "retries = 0", &slaves));
     rig.metrics_where(|m| m["devices"]["bad"]["modbus"]["exceptions"]["02"].as_u64() >= Some(5)).await;
     assert_meter(&rig.reading("good").await, 3);
     let m = rig.stop(gw).await;
-    let bad = &m["devices"]["bad"];
-    let exceptions = n(&bad["modbus"]["exceptions"], "02");
-    assert_eq!(n(&bad["rejected"], "exception"), exceptions, "{bad}");
-    assert_eq!((n(bad, "frames_in"), n(bad, "readings")), (exceptions, 0), "{bad}");
-    assert_eq!(bad["modbus"]["exceptions"].as_object().unwrap().len(), 1, "only code 02: {bad}");
     let log = gw_log(&rig);
-    let logged: Vec<&str> = log.lines().filter(|l| l.contains("Exception response to a poll")).collect();
-    assert_eq!(logged.len(), 1, "logged once, counted {exceptions} times:\n{log}");
-    assert!(logged[0].contains("ghost") && logged[0].contains("holding 1000..1001"), "{}", logged[0]);
-    assert!(logged[0].contains("does not have these addresses"), "says it is a config problem: {}", logged[0]);
-    common::assert_identities(bad);
+    for (name, code, range, hint) in [
+        ("bad", "02", "holding 1000..1001", "does not have these addresses"),
+        ("nobody", "04", "holding 0..1", "reported a failure"),
+    ] {
+        let dev = &m["devices"][name];
+        let exceptions = n(&dev["modbus"]["exceptions"], code);
+        assert_eq!(n(&dev["rejected"], "exception"), exceptions, "{dev}");
+        assert_eq!((n(dev, "frames_in"), n(dev, "readings")), (exceptions, 0), "{dev}");
+        assert_eq!(dev["modbus"]["exceptions"].as_object().unwrap().len(), 1, "only code {code}: {dev}");
+        let logged: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("Exception response to a poll") && l.contains(&format!(r#""device":"{name}""#)))
+            .collect();
+        assert_eq!(logged.len(), 1, "logged once, counted {exceptions} times:\n{log}");
+        assert!(logged[0].contains(range) && logged[0].contains(hint), "{}", logged[0]);
+        common::assert_identities(dev);
+    }
+    assert!(log.contains(r#""points":"[\"ghost\"]""#), "the log names the point that caused it:\n{log}");
     common::assert_identities(&m["devices"]["good"]);
 }
 
@@ -691,6 +701,13 @@ async fn writes_reach_pymodbus_and_come_back_in_readings_and_bad_writes_are_refu
     // Still the written values: the refused writes changed nothing on the slave.
     let r = rig.reading("types").await;
     assert!(close(&r["setpoint"], -12.5) && r["h_u16_one"] == 0xBEEF, "{r}");
+    // A write the slave never confirms (its replies kept off the line) is answered as failed.
+    rig.state().silent.push(1);
+    common::publish(port, "sensorgate/it/cmd/write", write("9", "setpoint", "20").as_bytes(), false).await;
+    let unconfirmed = rig.wait(answer("9")).await.json();
+    assert_eq!(unconfirmed["ok"], false, "{unconfirmed}");
+    assert!(unconfirmed["error"].as_str().unwrap().contains("no response"), "{unconfirmed}");
+    rig.state().silent.clear();
     let m = rig.stop(gw).await;
     common::assert_identities(&m["devices"]["types"]);
 }
