@@ -460,9 +460,10 @@ async fn every_point_type_in_both_word_orders_decodes_as_pymodbus_encoded_it() {
 async fn a_silent_slave_goes_stale_and_up_again_while_the_others_keep_their_interval() {
     let Some(mut rig) = Rig::start().await else { return };
     rig.state().silent.push(4);
-    // A silent slave costs request_timeout per cycle (retries = 0): 100 of every 200 ms.
-    let (interval_ms, timeout_ms) = (200u64, 100u64);
-    let slaves = [("m2", 2), ("m3", 3), ("m4", 4)].map(|(name, unit)| Slave(name, unit, "200ms", meter_points()));
+    // A silent slave costs request_timeout per cycle (retries = 0): 150 of every 300 ms.
+    let (interval_ms, timeout_ms) = (300u64, 150u64);
+    let interval = format!("{interval_ms}ms");
+    let slaves = [("m2", 2), ("m3", 3), ("m4", 4)].map(|(name, unit)| Slave(name, unit, &interval, meter_points()));
     let gw = rig.gateway(&config(&rig, &format!("request_timeout = \"{timeout_ms}ms\"\nretries = 0"), &slaves));
 
     let stale = rig.state_is("m4", "stale").await;
@@ -579,7 +580,8 @@ async fn spoiled_replies_are_counted_by_reason_and_never_become_readings() {
     // depend on the retry (see the retry test below). One register each, so a poll is one
     // request whichever reply the wire spoils.
     let slaves = cases.map(|(name, unit, ..)| Slave(name, unit, "50ms", point("level", "holding", 0, "u16", "")));
-    let gw = rig.gateway(&config(&rig, "request_timeout = \"100ms\"\nretries = 0", &slaves));
+    // A timeout long enough that pymodbus on a busy machine is not taken for a silent slave.
+    let gw = rig.gateway(&config(&rig, "request_timeout = \"250ms\"\nretries = 0", &slaves));
     rig.metrics_where(|m| cases.iter().all(|c| m["devices"][c.0]["readings"].as_u64() >= Some(10))).await;
     let m = rig.stop(gw).await;
     // Every reading that got through carries its own unit's register.
