@@ -732,6 +732,7 @@ async fn a_reload_adds_and_removes_a_slave_on_the_running_bus() {
     let m = rig.stop(gw).await;
     assert_eq!(count(&rig.state().requests, 3), requests_m3, "nobody asks unit 3 any more");
     assert!(m["devices"].get("m3").is_none(), "{m}");
+    assert_eq!(n(&m["devices"]["m2"], "restarts"), 0, "the bus kept its port open for m2: {m}");
     for name in ["m2", "m4"] {
         let dev = &m["devices"][name];
         assert_eq!(n(&dev["rejected"], "total"), 0, "{dev}");
