@@ -142,12 +142,17 @@ pub fn now_us() -> u64 {
 /// A frame was skipped. Counted always; logged within [`LogLimit`] per device and reason.
 pub fn frame_rejected(device: &str, counters: &DeviceCounters, reason: Reject) {
     counters.rejected[reason.index()].fetch_add(1, Relaxed);
+    if reason == Reject::Exception {
+        // The bus logs each exception once per session with the points that caused it.
+        return;
+    }
+    let what = if reason.is_poll_failure() { "Poll failed" } else { "Discarding frame" };
     limited(
         counters,
         |l| &mut l.rejected[reason.index()],
         1,
         |a| {
-            tracing::warn!(device, reason = reason.as_str(), suppressed = a.suppressed, "Discarding frame: {reason}.");
+            tracing::warn!(device, reason = reason.as_str(), suppressed = a.suppressed, "{what}: {reason}.");
         },
     );
 }
