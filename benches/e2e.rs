@@ -3,7 +3,10 @@
 //! (sensor stamp → subscriber), gateway CPU-seconds per 100k readings and peak RSS.
 //!
 //! `cargo bench --bench e2e` runs the default scenarios; `SG_BENCH=quick` runs a short set,
-//! `SG_BENCH=overload` only the 16-port as-fast-as-possible one (peak RSS under overload).
+//! `SG_BENCH=overload` only the 16-port as-fast-as-possible one (peak RSS under overload),
+//! `SG_BENCH=scale` the scaling set: 16, 32, 64 and 128 paced JSON devices at QoS 0, once with
+//! the total rate held at 16 000 readings/s and once at 100 readings/s per device, gateway and
+//! floor each, one row per device count (does one decode thread per device scale?).
 //! Figures depend on the machine: README lists the ones measured here.
 //!
 //! Each rated scenario runs twice: through the gateway and through the **floor**, a minimal
@@ -75,6 +78,142 @@ fn scenarios() -> Vec<Scenario> {
         ]
     };
     list.into_iter().flat_map(with_floor).collect()
+}
+
+/// Seconds each scaling scenario sends for.
+const SCALE_SECONDS: u64 = 10;
+
+/// The scaling set, as (gateway, floor) pairs: paced JSON lines at QoS 0 on 16…128 devices,
+/// first with the total rate constant (16 000/s: what changes is only how many devices share
+/// it), then with the rate per device constant (100/s: the load grows with the devices).
+fn scale_scenarios() -> Vec<(Scenario, Scenario)> {
+    const COUNTS: [usize; 4] = [16, 32, 64, 128];
+    const TOTAL_RATE: u32 = 16_000;
+    const DEVICE_RATE: u32 = 100;
+    let pair = |devices: usize, rate: u32| {
+        let count = u64::from(rate) * SCALE_SECONDS;
+        let gw = Scenario { devices, spec: JSON, qos: 0, rate, count, paced: true, floor: false };
+        (gw, Scenario { floor: true, ..gw })
+    };
+    let constant_total = COUNTS.iter().map(|&k| pair(k, TOTAL_RATE / k as u32));
+    let constant_per_device = COUNTS.iter().map(|&k| pair(k, DEVICE_RATE));
+    constant_total.chain(constant_per_device).collect()
+}
+
+/// What one scenario measured.
+struct Outcome {
+    /// Readings the sensors wrote, and how many of them the subscriber received.
+    total: u64,
+    got: u64,
+    /// From the first write to the last delivery.
+    elapsed: f64,
+    /// The gateway's own count of readings it dropped on purpose (0 for the floor).
+    dropped: u64,
+    /// Written by the sensors but neither delivered nor counted as dropped.
+    unaccounted: u64,
+    /// Sensor stamp → subscriber, sorted, µs.
+    latencies: Vec<u64>,
+    /// CPU-seconds of the subject over the run.
+    cpu: f64,
+    /// Peak RSS of the subject, MiB.
+    rss: f64,
+    /// Subject's and broker's share of a core over the run, %.
+    subject_share: f64,
+    broker_share: f64,
+    /// The subject's threads at the end of the load, and how many of them are decode threads.
+    threads: usize,
+    decode_threads: usize,
+    /// CPU-seconds of the decode threads over the run (part of `cpu`).
+    decode_cpu: f64,
+    /// RSS at the end of the load, MiB (the peak may come from the start-up).
+    rss_end: f64,
+    /// Context switches of all the subject's threads over the run (each is a sleep or a
+    /// preemption: the price of handing a reading from one thread to another).
+    switches: u64,
+}
+
+impl Outcome {
+    fn switches_per_reading(&self) -> f64 {
+        self.switches as f64 / self.got.max(1) as f64
+    }
+
+    fn cpu_per_100k(&self) -> f64 {
+        self.cpu / self.got.max(1) as f64 * 100_000.0
+    }
+
+    /// Latency quantile `q` in ms, or "-" when none were measured.
+    fn latency_ms(&self, q: f64) -> String {
+        self.latencies
+            .get(((self.latencies.len().max(1) - 1) as f64 * q) as usize)
+            .map_or("-".to_string(), |us| format!("{:.2}", *us as f64 / 1000.0))
+    }
+}
+
+/// Threads of a process (`Threads:` in /proc/<pid>/status), and the ids of those named
+/// `decode-*`.
+fn threads(pid: i32) -> (usize, Vec<i32>) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let count = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("Threads: in /proc/<pid>/status");
+    let decode = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            comm.starts_with("decode-").then(|| t.file_name().to_str()?.parse().ok())?
+        })
+        .collect();
+    (count, decode)
+}
+
+/// CPU-seconds of the threads `tids` of process `pid`, from the scheduler's own count in
+/// nanoseconds (/proc/<pid>/task/<tid>/schedstat): each thread's `stat` is rounded to 10 ms,
+/// and with 128 threads the rounding would swamp what they use.
+fn threads_cpu(pid: i32, tids: &[i32]) -> f64 {
+    tids.iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/{pid}/task/{t}/schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>() as f64
+        / 1e9
+}
+
+/// Context switches (voluntary and not) summed over a process's live threads.
+fn context_switches(pid: i32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// The scaling set needs a few descriptors per device (this process holds both ends of each
+/// pseudo-terminal; gateway and floor each open one more): raise the soft limit towards the
+/// hard one if it is short.
+fn ensure_fd_limit(devices: usize) {
+    let need = (devices * 4 + 256) as libc::rlim_t;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write to/read from a valid rlimit we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < need {
+            lim.rlim_cur = need.min(lim.rlim_max);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+        }
+    }
+    assert!(
+        lim.rlim_cur >= need,
+        "RLIMIT_NOFILE {} is below the {need} descriptors {devices} devices need",
+        lim.rlim_cur
+    );
 }
 
 /// The process under test: the gateway, or the floor forwarder started as a child.
@@ -166,14 +305,19 @@ fn floor_forwarder(arg: &str) {
     });
 }
 
-async fn run(sc: Scenario) {
+/// The `framing` and `format` names of `spec` in the gateway's config.
+fn config_names(spec: SimSpec) -> (&'static str, &'static str) {
+    match spec.framing {
+        Framing::Lines => ("lines", "json"),
+        Framing::Cobs => ("cobs", "postcard"),
+    }
+}
+
+async fn run(sc: Scenario) -> Outcome {
     let dir = common::tempdir();
     let broker = Mosquitto::start();
     let mut sub = Subscriber::connect(broker.port, "sensorgate/b/#").await;
-    let (framing, format) = match sc.spec.framing {
-        Framing::Lines => ("lines", "json"),
-        Framing::Cobs => ("cobs", "postcard"),
-    };
+    let (framing, format) = config_names(sc.spec);
     let mut config =
         format!("[gateway]\nid = \"b\"\nmetrics_interval = \"1h\"\n[mqtt]\nport = {}\nqos = {}\n", broker.port, sc.qos);
     let mut ptys = Vec::new();
@@ -209,6 +353,9 @@ async fn run(sc: Scenario) {
     };
     let gw = &subject;
     let cpu0 = cpu_seconds(gw.pid());
+    let switches0 = context_switches(gw.pid());
+    let (_, decoders) = threads(gw.pid());
+    let decode_cpu0 = threads_cpu(gw.pid(), &decoders);
     let broker_pid = broker.pid().expect("broker runs");
     let broker_cpu0 = cpu_seconds(broker_pid);
     let started = Instant::now();
@@ -262,6 +409,12 @@ async fn run(sc: Scenario) {
     let broker_share = (cpu_seconds(broker_pid) - broker_cpu0) / elapsed.max(1e-9) * 100.0;
     let gateway_share = cpu / elapsed.max(1e-9) * 100.0;
     let rss = memory_mib(gw.pid(), "VmHWM:");
+    let rss_end = memory_mib(gw.pid(), "VmRSS:");
+    let decode_cpu = threads_cpu(gw.pid(), &decoders) - decode_cpu0;
+    let (thread_count, decoders_now) = threads(gw.pid());
+    // Threads that ended during the run take their counts with them: only pool threads left
+    // over from opening the ports do, and they switch little.
+    let switches = context_switches(gw.pid()).saturating_sub(switches0);
     for w in writers {
         drop(w.await.unwrap());
     }
@@ -286,31 +439,100 @@ async fn run(sc: Scenario) {
         }
     };
     latencies.sort_unstable();
-    let p = |q: f64| {
-        latencies
-            .get(((latencies.len().max(1) - 1) as f64 * q) as usize)
-            .map_or("-".to_string(), |us| format!("{:.2}", *us as f64 / 1000.0))
-    };
+    Outcome {
+        total,
+        got,
+        elapsed,
+        dropped,
+        unaccounted: total.saturating_sub(delivered + dropped),
+        latencies,
+        cpu,
+        rss,
+        subject_share: gateway_share,
+        broker_share,
+        threads: thread_count,
+        decode_threads: decoders_now.len(),
+        decode_cpu,
+        rss_end,
+        switches,
+    }
+}
+
+/// One row of the default table.
+fn print_row(sc: &Scenario, o: &Outcome) {
     println!(
         "| {:<7} | {:<6} | {:>2} | {:<5} | {} | {:>10} | {:>9.0} | {:>6} | {:>6} | {:>5} | {:>5} | {:>6} | {:>10.3} | {:>7.1} | {:>4.0} % | {:>4.0} % |",
         if sc.floor { "floor" } else { "gateway" },
         if sc.rate == 0 { "-" } else if sc.paced { "paced" } else { "burst" },
         sc.devices,
-        framing,
+        config_names(sc.spec).0,
         sc.qos,
         if sc.rate == 0 { "max".to_string() } else { format!("{}/s", sc.rate) },
-        got as f64 / elapsed,
-        dropped,
-        // Written by the sensors but neither delivered nor counted as dropped.
-        total.saturating_sub(delivered + dropped),
-        p(0.5),
-        p(0.99),
-        p(1.0),
-        cpu / got.max(1) as f64 * 100_000.0,
-        rss,
-        gateway_share,
-        broker_share,
+        o.got as f64 / o.elapsed,
+        o.dropped,
+        o.unaccounted,
+        o.latency_ms(0.5),
+        o.latency_ms(0.99),
+        o.latency_ms(1.0),
+        o.cpu_per_100k(),
+        o.rss,
+        o.subject_share,
+        o.broker_share,
     );
+}
+
+/// The scaling set: one row per device count, gateway beside floor. RSS per added device is
+/// the growth of peak RSS from the set's first row (the fixed part cancels out).
+fn run_scale(rt: &tokio::runtime::Runtime) {
+    let set = scale_scenarios();
+    ensure_fd_limit(set.iter().map(|(gw, _)| gw.devices).max().unwrap_or(0));
+    println!(
+        "| devices | rate/device | offered/s | delivered/s gw | floor | lost gw (counted dropped) | floor | CPU s/100k gw | floor | gw/floor | peak RSS MiB gw | floor | gw RSS at end | RSS KiB per added device gw | floor | gw threads (decode) | decode threads' share of gw CPU | switches/reading gw | floor | p99 ms gw | floor |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut base: Option<(usize, f64, f64)> = None;
+    for (gw_sc, floor_sc) in set {
+        let gw = rt.block_on(run(gw_sc));
+        let floor = rt.block_on(run(floor_sc));
+        let k = gw_sc.devices;
+        // A new set starts where the device count falls back.
+        if base.is_some_and(|(k0, ..)| k <= k0) {
+            base = None;
+        }
+        let (k0, gw0, floor0) = *base.get_or_insert((k, gw.rss, floor.rss));
+        let per_device = |rss: f64, rss0: f64| {
+            if k == k0 {
+                "-".to_string()
+            } else {
+                format!("{:.0}", (rss - rss0) * 1024.0 / (k - k0) as f64)
+            }
+        };
+        println!(
+            "| {k:>3} | {:>4}/s | {:>6} | {:>6.0} | {:>6.0} | {} ({}) | {} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} ({}) | {:.0} % | {:.2} | {:.2} | {} | {} |",
+            gw_sc.rate,
+            u64::from(gw_sc.rate) * k as u64,
+            gw.got as f64 / gw.elapsed,
+            floor.got as f64 / floor.elapsed,
+            gw.total - gw.got,
+            gw.dropped,
+            floor.total - floor.got,
+            gw.cpu_per_100k(),
+            floor.cpu_per_100k(),
+            gw.cpu_per_100k() / floor.cpu_per_100k(),
+            gw.rss,
+            floor.rss,
+            gw.rss_end,
+            per_device(gw.rss, gw0),
+            per_device(floor.rss, floor0),
+            gw.threads,
+            gw.decode_threads,
+            gw.decode_cpu / gw.cpu.max(1e-9) * 100.0,
+            gw.switches_per_reading(),
+            floor.switches_per_reading(),
+            gw.latency_ms(0.99),
+            floor.latency_ms(0.99),
+        );
+    }
 }
 
 fn main() {
@@ -320,11 +542,16 @@ fn main() {
     }
     // `cargo bench` passes --bench; a filter argument is accepted and ignored.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if std::env::var("SG_BENCH").is_ok_and(|v| v == "scale") {
+        run_scale(&rt);
+        return;
+    }
     println!(
         "| subject | sensor | ports | framing | QoS | rate/port | delivered/s | dropped_oldest (counted) | unaccounted | p50 ms | p99 ms | max ms | CPU s/100k | peak RSS MiB | subject CPU | broker CPU |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for sc in scenarios() {
-        rt.block_on(run(sc));
+        let outcome = rt.block_on(run(sc));
+        print_row(&sc, &outcome);
     }
 }

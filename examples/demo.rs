@@ -1,7 +1,8 @@
 //! `cargo run --example demo [-- --seconds N]`: the gateway's whole job on a fresh machine with
 //! only the Rust toolchain. No serial hardware, no broker to install: an in-process MQTT broker
 //! (rumqttd), three simulated sensors on pseudo-terminals (JSON lines, `key=value` lines, COBS +
-//! postcard), the real gateway (`sensorgate::app::run`) reading them, and a subscriber printing
+//! postcard) and a simulated Modbus RTU energy meter on a fourth, the real gateway
+//! (`sensorgate::app::run`) reading the sensors and polling the meter, and a subscriber printing
 //! every message the gateway publishes under `sensorgate/#`. Stops on Ctrl-C or after N seconds.
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS};
 use sensorgate::config::Config;
 use sensorgate::decode::Format;
 use sensorgate::framing::Framing;
+use sensorgate::simulate::modbus;
 use sensorgate::simulate::{self, PtyLink, SimSpec};
 use tokio::task::JoinHandle;
 
@@ -29,6 +31,12 @@ const SENSORS: [(&str, SimSpec); 3] = [
     ("shed-kv", SimSpec { framing: Framing::Lines, format: Format::Kv }),
     ("soil-cobs", SimSpec { framing: Framing::Cobs, format: Format::Postcard }),
 ];
+
+/// The polled meter's Modbus unit id (its device is `modbus::meter_name(METER_UNIT)`, "meter-1"),
+/// the name of its bus (and of that bus's pseudo-terminal), and how often the gateway asks it.
+const METER_UNIT: u8 = 1;
+const METER_BUS: &str = "rs485";
+const METER_POLL: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
     init_logging();
@@ -145,13 +153,15 @@ async fn demo(port: u16, seconds: Option<u64>) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create a pseudo-terminal for {name}"))?;
         sims.push(tokio::spawn(sensor(name, spec, pty)));
     }
+    let bus = PtyLink::create(&dir.path().join(METER_BUS)).context("cannot create a pseudo-terminal for the meter")?;
+    sims.push(tokio::spawn(meter(bus)));
 
     let config = Config::from_toml(&config_toml(port, dir.path())).map_err(|problems| {
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("the generated config is invalid:\n{}", text.join("\n"))
     })?;
     tracing::info!(
-        devices = config.devices.len(),
+        devices = config.all_devices().len(),
         seconds = %seconds.map_or_else(|| "until Ctrl-C".to_string(), |s| s.to_string()),
         "Starting the gateway.",
     );
@@ -250,10 +260,21 @@ async fn sensor(name: &'static str, spec: SimSpec, mut pty: PtyLink) {
     }
 }
 
-/// The gateway's config: the broker above, one device per simulated sensor.
+/// Answers the gateway's polls as the meter until aborted. Owns the `PtyLink`, as
+/// [`sensor`] does.
+async fn meter(mut pty: PtyLink) {
+    tracing::info!(meter = %modbus::meter_name(METER_UNIT), link = %pty.link.display(), "Simulated Modbus meter started.");
+    if let Err(e) = modbus::serve(&mut pty.master, modbus::meters(&[METER_UNIT])).await {
+        tracing::warn!(error = %e, "Simulated Modbus meter stopped.");
+    }
+}
+
+/// The gateway's config: the broker above, one device per simulated sensor, and a bus with
+/// the meter on it.
 fn config_toml(port: u16, dir: &Path) -> String {
     // toml renders a properly quoted and escaped string, whatever the temp dir's name.
     let path = |name: &str| toml::Value::String(dir.join(name).display().to_string()).to_string();
+    let bus = modbus::bus_toml(METER_BUS, &dir.join(METER_BUS), 115_200, &[METER_UNIT], METER_POLL);
     format!(
         r#"
 [gateway]
@@ -296,7 +317,8 @@ unit = "%"
 [[device.channel]]
 id = 2
 name = "n"
-"#,
+
+{bus}"#,
         json = SENSORS[0].0,
         json_path = path(SENSORS[0].0),
         kv = SENSORS[1].0,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README's test command. The end-to-end tests start a real mosquitto on 127.0.0.1; if it is
 # missing and we may install packages, install it first. The interoperability tests
-# (tests/interop.rs) also need amqtt (PyPI) and aedes (npm): installed below into
+# (tests/interop.rs) also need amqtt (PyPI) and aedes (npm), and the Modbus tests against a
+# slave we did not write (tests/modbus_pymodbus.rs) pymodbus with pyserial (PyPI): installed below into
 # $SG_INTEROP_DIR (default ~/.cache/sensorgate/interop, outside the checkout so that a fresh
 # clone, as in CI, does not install them again), once; later runs only check the versions.
 set -euo pipefail
@@ -23,6 +24,8 @@ fi
 # Versions the interop tests were written against; bump on purpose.
 AMQTT_VERSION=0.12.1
 AEDES_VERSION=1.2.0
+PYMODBUS_VERSION=3.16.1
+PYSERIAL_VERSION=3.5
 export SG_INTEROP_DIR="${SG_INTEROP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorgate/interop}"
 mkdir -p "$SG_INTEROP_DIR"
 
@@ -32,6 +35,15 @@ if [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("
     rm -rf "$venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "amqtt==$AMQTT_VERSION"
+fi
+
+venv="$SG_INTEROP_DIR/pymodbus-venv"
+versions='import importlib.metadata as m; print(m.version("pymodbus"), m.version("pyserial"))'
+if [ "$("$venv/bin/python" -c "$versions" 2>/dev/null)" != "$PYMODBUS_VERSION $PYSERIAL_VERSION" ]; then
+    echo "installing pymodbus $PYMODBUS_VERSION and pyserial $PYSERIAL_VERSION (PyPI) into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "pymodbus==$PYMODBUS_VERSION" "pyserial==$PYSERIAL_VERSION"
 fi
 
 aedes="$SG_INTEROP_DIR/aedes"

@@ -197,12 +197,17 @@ fn runtimes(running: &[RunningUnit]) -> Vec<Arc<DeviceRuntime>> {
     running.iter().flat_map(|u| u.runtimes.iter().cloned()).collect()
 }
 
+/// A bus's slaves, in config order.
+type Slaves = Vec<Arc<DeviceRuntime>>;
+
 /// A unit's running supervisor.
 struct RunningUnit {
     unit: Unit,
     runtimes: Vec<Arc<DeviceRuntime>>,
     stop: CancellationToken,
     keeper: JoinHandle<()>,
+    /// A bus's: its slaves (a reload sends a new set) and where their writes go.
+    bus: Option<(watch::Sender<Slaves>, mpsc::Sender<device::WriteJob>)>,
 }
 
 /// One MQTT connection with its tasks; replaced when a reload changes the MQTT settings.
@@ -256,24 +261,12 @@ impl Core {
             Unit::Bus(_) => Some(mpsc::channel(device::WRITES_WAITING)),
             Unit::Device(_) => None,
         };
-        let runtimes: Vec<Arc<DeviceRuntime>> = unit
-            .devices()
-            .into_iter()
-            .map(|config| {
-                let runtime = match previous.iter().find(|p| p.name() == config.name) {
-                    Some(p) => p.with_config(config),
-                    None => {
-                        let lane = self.queue.add_lane(&config.name);
-                        let limit = self.packet_limit.for_topic(&self.topics.readings(&config.name));
-                        let state_topic = self.topics.device_state(&config.name);
-                        DeviceRuntime::new(lane, config, state_topic, limit)
-                    }
-                };
-                Arc::new(runtime.with_writes(writes.as_ref().map(|(tx, _)| tx.clone())))
-            })
-            .collect();
+        let writes_tx = writes.as_ref().map(|(tx, _)| tx.clone());
+        let runtimes: Vec<Arc<DeviceRuntime>> =
+            unit.devices().into_iter().map(|config| self.runtime(config, previous, writes_tx.as_ref())).collect();
         let stop = self.devices_stop.child_token();
         let beat = self.live.beat_for(&unit.component());
+        let mut slaves_tx = None;
         let keeper = match (unit, writes) {
             (Unit::Device(_), _) | (_, None) => {
                 let ctx = SupervisorContext {
@@ -292,9 +285,11 @@ impl Core {
                 }))
             }
             (Unit::Bus(bus), Some((_, rx))) => {
+                let (tx, slaves) = watch::channel(runtimes.clone());
+                slaves_tx = Some(tx);
                 let ctx = BusContext {
                     bus: bus.clone(),
-                    slaves: runtimes.clone(),
+                    slaves,
                     queue: Arc::clone(&self.queue),
                     opener: Arc::clone(&self.hooks.opener),
                     restart_min: RESTART_MIN,
@@ -309,7 +304,57 @@ impl Core {
                 }))
             }
         };
-        RunningUnit { unit: unit.clone(), runtimes, stop, keeper }
+        let bus = slaves_tx.zip(writes_tx);
+        RunningUnit { unit: unit.clone(), runtimes, stop, keeper, bus }
+    }
+
+    /// The runtime of device `config`: a new lane, or `previous`'s of the same name (its lane,
+    /// counters and status) with the new config.
+    fn runtime(
+        &self,
+        config: DeviceConfig,
+        previous: &[Arc<DeviceRuntime>],
+        writes: Option<&mpsc::Sender<device::WriteJob>>,
+    ) -> Arc<DeviceRuntime> {
+        let runtime = match previous.iter().find(|p| p.name() == config.name) {
+            Some(p) => p.with_config(config),
+            None => {
+                let lane = self.queue.add_lane(&config.name);
+                let limit = self.packet_limit.for_topic(&self.topics.readings(&config.name));
+                let state_topic = self.topics.device_state(&config.name);
+                DeviceRuntime::new(lane, config, state_topic, limit)
+            }
+        };
+        Arc::new(runtime.with_writes(writes.cloned()))
+    }
+
+    /// A running bus whose port and timing `next` leaves as they are takes `next`'s slaves
+    /// without closing its port: unchanged slaves keep their runtime (and their polls),
+    /// changed ones get a new one with their counters, new ones a lane, removed ones stop.
+    /// Returns false (nothing done) when `next` is another bus or changes more than slaves.
+    fn update_slaves(&self, u: &mut RunningUnit, next: &Unit) -> bool {
+        let (Unit::Bus(old), Unit::Bus(new), Some((slaves_tx, writes))) = (&u.unit, next, &u.bus) else {
+            return false;
+        };
+        let line = |b: &BusConfig| BusConfig { slaves: Vec::new(), ..b.clone() };
+        if line(old) != line(new) {
+            return false;
+        }
+        let runtimes: Vec<Arc<DeviceRuntime>> = next
+            .devices()
+            .into_iter()
+            .map(|config| match u.runtimes.iter().find(|r| r.name() == config.name && r.config == config) {
+                Some(same) => Arc::clone(same),
+                None => self.runtime(config, &u.runtimes, Some(writes)),
+            })
+            .collect();
+        for gone in u.runtimes.iter().filter(|r| !runtimes.iter().any(|n| n.name() == r.name())) {
+            gone.set_state(&self.queue, State::Stopped, None);
+        }
+        slaves_tx.send_replace(runtimes.clone());
+        u.runtimes = runtimes;
+        u.unit = next.clone();
+        true
     }
 
     /// Stops a unit's supervisor and waits for its sessions (and decode threads) to finish.
@@ -433,8 +478,14 @@ impl Core {
         // (lanes, counters, states) can go to the units that take their devices over.
         let mut kept: Vec<RunningUnit> = Vec::new();
         let mut handed: Vec<Arc<DeviceRuntime>> = Vec::new();
-        for u in std::mem::take(devices) {
+        for mut u in std::mem::take(devices) {
             if next_units.contains(&u.unit) {
+                kept.push(u);
+                continue;
+            }
+            let same_bus = next_units.iter().find(|n| n.component() == u.unit.component());
+            if same_bus.is_some_and(|n| self.update_slaves(&mut u, n)) {
+                restarted += 1;
                 kept.push(u);
                 continue;
             }

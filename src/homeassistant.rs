@@ -213,4 +213,24 @@ unit = "%"
         assert_eq!(v["cmps"]["queue_depth"]["entity_category"], "diagnostic");
         assert_eq!(d.status_topic, "homeassistant/status");
     }
+
+    /// A Modbus slave is a device with an entity per point, with the point's unit.
+    #[test]
+    fn a_modbus_slave_is_a_device_with_an_entity_per_point() {
+        let text = format!(
+            "[gateway]\nid = \"gw\"\n[homeassistant]\nenabled = true\n[[bus]]\nname = \"b\"\npath = \"/dev/b\"\n\
+             [[bus.device]]\nname = \"meter-1\"\nunit = 1\n{}",
+            crate::simulate::modbus::METER_POINTS
+        );
+        let config = Config::from_toml(&text).unwrap();
+        let m = Discovery::new(&config, &Topics::new(&config)).messages();
+        assert_eq!(m[0].topic, "homeassistant/device/sensorgate_gw_meter-1/config");
+        let v: Value = serde_json::from_slice(&m[0].payload).unwrap();
+        let cmps = v["cmps"].as_object().unwrap();
+        assert_eq!(cmps.len(), 7, "one entity per point");
+        assert_eq!(cmps["voltage"]["unit_of_measurement"], "V");
+        assert_eq!(cmps["voltage"]["state_class"], "measurement");
+        assert!(cmps["relay"].get("state_class").is_none(), "a bool has no state class");
+        assert_eq!(v["state_topic"], "sensorgate/gw/devices/meter-1/readings");
+    }
 }

@@ -25,11 +25,12 @@
 //! - [`input`]: the `ReadingSink` every input ends in (fields → payload → checks → queue →
 //!   counters) and the stream input (chunks → framer → decoder → sink). Sans-IO.
 //! - [`queue`]: the one bounded queue and the in-flight ledger.
-//! - [`device`]: supervisor, session and decode thread of one serial device.
+//! - [`device`]: supervisor, session and decode thread of one serial device; the bus task
+//!   that polls a Modbus RTU bus. [`modbus`]: its sans-IO half (points, plan, RTU, schedule).
 //! - [`mqtt`]: the connection task (the only MQTT client code): codec, connect, session.
 //! - [`telemetry`]: counters and log-and-count events; [`metrics`]: the metrics payload.
 //! - [`commands`]: commands over MQTT ([`command`]: their names, a leaf).
-//! - [`app`]: wiring and phased shutdown; [`simulate`]: the sensor simulator.
+//! - [`app`]: wiring and phased shutdown; [`simulate`]: simulated sensors and Modbus slaves.
 
 pub mod app;
 pub mod backoff;

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use sensorgate::config::{Config, ConfigError};
 use sensorgate::decode::Format;
 use sensorgate::framing::Framing;
@@ -45,16 +45,29 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Simulate a sensor: write readings to a serial port, or to a pseudo-terminal linked at a path.
+    /// Simulate a sensor: write readings to a serial port, or to a pseudo-terminal linked at a
+    /// path; or, with --modbus, answer as Modbus RTU energy meters there.
     Simulate {
         /// Create a pseudo-terminal and link its device at this path (give this path to the gateway).
         #[arg(long, conflicts_with = "port")]
         link: Option<PathBuf>,
-        /// Write to this existing serial port instead.
+        /// Use this existing serial port instead.
         #[arg(long, required_unless_present = "link")]
         port: Option<PathBuf>,
         #[arg(long, default_value_t = 115_200)]
         baud: u32,
+        /// Serve simulated Modbus RTU meters with these unit ids (1..=247, e.g. 1,2,3) instead of
+        /// sending readings, until stopped; prints the [[bus]] config that polls them. A real
+        /// --port is opened 8E1 (Modbus's default).
+        #[arg(
+            long,
+            value_name = "UNITS",
+            value_delimiter = ',',
+            num_args = 1..,
+            value_parser = clap::value_parser!(u8).range(1..=247),
+            conflicts_with_all = ["framing", "format", "rate", "count", "start"],
+        )]
+        modbus: Option<Vec<u8>>,
         /// lines or cobs.
         #[arg(long, value_parser = parse_framing, default_value = "lines")]
         framing: Framing,
@@ -72,6 +85,23 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         start: u64,
     },
+}
+
+/// `units` as given, or a usage error (exit 2, like every other) naming a unit given twice:
+/// two meters answering as one unit would both reply to every request.
+fn distinct_units(units: Vec<u8>) -> Vec<u8> {
+    if let Some(unit) = units.iter().enumerate().find_map(|(i, u)| units[..i].contains(u).then_some(*u)) {
+        let mut cli = Cli::command();
+        cli.build();
+        let simulate = cli.find_subcommand_mut("simulate").expect("the simulate subcommand exists");
+        simulate
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--modbus names unit {unit} twice: give each unit id once (e.g. --modbus 1,2,3)"),
+            )
+            .exit();
+    }
+    units
 }
 
 fn parse_framing(name: &str) -> Result<Framing, String> {
@@ -126,11 +156,22 @@ fn main() -> ExitCode {
             }
             exit_from(result)
         }
-        Command::Simulate { link, port, baud, framing, format, rate, count, start } => {
+        Command::Simulate { link, port, baud, modbus, framing, format, rate, count, start } => {
+            let job = match modbus {
+                Some(units) => SimJob::Modbus { units: distinct_units(units) },
+                None => {
+                    let format = format.filter(|f| framing.carries(*f)).unwrap_or(framing.default_format());
+                    SimJob::Readings { spec: SimSpec { framing, format }, rate, count, start }
+                }
+            };
+            // clap makes one of the two present and conflicts_with keeps the other out.
+            let port = match (link, port) {
+                (Some(link), _) => SimPort::Link(link),
+                (None, Some(path)) => SimPort::Serial(path),
+                (None, None) => unreachable!("clap requires --port unless --link is given"),
+            };
             init_logging(cli.log_format, "info");
-            let format = format.filter(|f| framing.carries(*f)).unwrap_or(framing.default_format());
-            let spec = SimSpec { framing, format };
-            exit_from(runtime().and_then(|rt| rt.block_on(simulate_cmd(spec, link, port, baud, rate, count, start))))
+            exit_from(runtime().and_then(|rt| rt.block_on(simulate_cmd(port, job, baud))))
         }
     }
 }
@@ -357,31 +398,99 @@ async fn shutdown_signal() {
     }
 }
 
-async fn simulate_cmd(
-    spec: SimSpec,
-    link: Option<PathBuf>,
-    port: Option<PathBuf>,
-    baud: u32,
-    rate: u32,
-    count: u64,
-    start: u64,
-) -> anyhow::Result<()> {
-    if let Some(link) = link {
-        let pty =
-            PtyLink::create(&link).with_context(|| format!("cannot create a pseudo-terminal at {}", link.display()))?;
-        tracing::info!(link = %link.display(), rate, count, "Simulating a sensor on a pseudo-terminal.");
-        let sent = drive(spec, pty, rate, count, start).await?;
-        tracing::info!(sent, "Simulation finished.");
-    } else if let Some(port) = port {
-        let stream = tokio_serial::SerialStream::open(&tokio_serial::new(port.to_string_lossy(), baud))
-            .with_context(|| format!("cannot open {}", port.display()))?;
-        let sent = tokio::select! {
-            r = simulate::run(spec, stream, rate, count, start) => r.context("writing to the port")?,
-            _ = shutdown_signal() => 0,
-        };
-        tracing::info!(sent, "Simulation finished.");
+/// Where the simulator's end of the serial line is.
+enum SimPort {
+    /// A pseudo-terminal it creates, linked at this path.
+    Link(PathBuf),
+    /// An existing serial port (at `--baud`).
+    Serial(PathBuf),
+}
+
+/// What the simulator does on its port.
+enum SimJob {
+    /// Writes readings (a listening sensor).
+    Readings { spec: SimSpec, rate: u32, count: u64, start: u64 },
+    /// Answers as Modbus RTU meters with these units (a polled bus).
+    Modbus { units: Vec<u8> },
+}
+
+async fn simulate_cmd(port: SimPort, job: SimJob, baud: u32) -> anyhow::Result<()> {
+    match (port, job) {
+        (port, SimJob::Modbus { units }) => serve_meters(port, &units, baud).await,
+        (SimPort::Link(link), SimJob::Readings { spec, rate, count, start }) => {
+            let pty = create_pty(&link)?;
+            tracing::info!(link = %link.display(), rate, count, "Simulating a sensor on a pseudo-terminal.");
+            let sent = drive(spec, pty, rate, count, start).await?;
+            tracing::info!(sent, "Simulation finished.");
+            Ok(())
+        }
+        (SimPort::Serial(path), SimJob::Readings { spec, rate, count, start }) => {
+            let stream = tokio_serial::SerialStream::open(&tokio_serial::new(path.to_string_lossy(), baud))
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let sent = tokio::select! {
+                r = simulate::run(spec, stream, rate, count, start) => r.context("writing to the port")?,
+                _ = shutdown_signal() => 0,
+            };
+            tracing::info!(sent, "Simulation finished.");
+            Ok(())
+        }
     }
-    Ok(())
+}
+
+fn create_pty(link: &std::path::Path) -> anyhow::Result<PtyLink> {
+    PtyLink::create(link).with_context(|| format!("cannot create a pseudo-terminal at {}", link.display()))
+}
+
+/// Answers as meters `units` on `port` until a signal, after printing (on stdout, as TOML a
+/// user can paste) the `[[bus]]` config that polls them. A real port is opened at `baud`, 8E1
+/// (Modbus's default), as that config says; a pseudo-terminal ignores line speed and parity.
+async fn serve_meters(port: SimPort, units: &[u8], baud: u32) -> anyhow::Result<()> {
+    use simulate::modbus;
+    let bus = modbus::meters(units);
+    let units_text = units.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let served = match port {
+        SimPort::Link(link) => {
+            let mut pty = create_pty(&link)?;
+            let device = tokio_serial::SerialPort::name(&pty.slave).unwrap_or_default();
+            println!("# Simulated Modbus RTU meters (units {units_text}) on {} -> {device}.", link.display());
+            print_bus_config(&link, baud, units);
+            serve_until_stopped(&mut pty.master, &bus).await
+        }
+        SimPort::Serial(path) => {
+            let settings = tokio_serial::new(path.to_string_lossy(), baud)
+                .parity(tokio_serial::Parity::Even)
+                .data_bits(tokio_serial::DataBits::Eight)
+                .stop_bits(tokio_serial::StopBits::One);
+            let stream = tokio_serial::SerialStream::open(&settings)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            println!("# Simulated Modbus RTU meters (units {units_text}) on {} at {baud} baud, 8E1.", path.display());
+            print_bus_config(&path, baud, units);
+            serve_until_stopped(stream, &bus).await
+        }
+    };
+    let answered: u64 = bus.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().map(|s| s.answered).sum();
+    tracing::info!(answered, "Simulated meters stopped.");
+    served
+}
+
+fn print_bus_config(path: &std::path::Path, baud: u32, units: &[u8]) {
+    use simulate::modbus;
+    println!("# To poll them, add this to a sensorgate config:\n");
+    println!("{}", modbus::bus_toml("sim", path, baud, units, Duration::from_secs(1)));
+    // Also the line a script waits for: everything above is printed.
+    println!("# Serving until Ctrl-C or SIGTERM.");
+}
+
+async fn serve_until_stopped<P>(port: P, bus: &simulate::modbus::SimBus) -> anyhow::Result<()>
+where
+    P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tracing::info!("Simulated meters answering.");
+    tokio::select! {
+        biased;
+        _ = shutdown_signal() => Ok(()),
+        r = simulate::modbus::serve(port, Arc::clone(bus)) => r.context("serving Modbus requests"),
+    }
 }
 
 /// Writes through the pseudo-terminal, then keeps it open until a signal so the gateway can

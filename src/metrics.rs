@@ -121,6 +121,9 @@ pub struct DeviceMetrics {
     pub in_flight: u64,
     pub republished: u64,
     pub restarts: u64,
+    /// Queries written to the port in full; only on devices configured with a `query`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queries_sent: Option<u64>,
     /// Milliseconds since the last reading; absent before the first.
     pub last_reading_age_ms: Option<u64>,
     /// Modbus slaves only. For them `frames_in` counts polls: each is one reading or one
@@ -200,6 +203,7 @@ pub fn snapshot<'a>(
                 in_flight: lane.in_flight,
                 republished: lane.republished,
                 restarts: c.restarts.load(Relaxed),
+                queries_sent: d.config.stream().and_then(|s| s.query()).map(|_| c.queries_sent.load(Relaxed)),
                 last_reading_age_ms: (last > 0).then(|| now_us.saturating_sub(last) / 1000),
                 modbus: matches!(d.config.input, crate::config::Input::Modbus(_)).then(|| modbus_metrics(c)),
             };

@@ -133,6 +133,19 @@ impl Reject {
         }
     }
 
+    /// A Modbus poll's failure rather than a bad frame.
+    pub fn is_poll_failure(self) -> bool {
+        matches!(
+            self,
+            Reject::NoResponse
+                | Reject::WrongUnit
+                | Reject::ShortReply
+                | Reject::OverlongReply
+                | Reject::Exception
+                | Reject::BadReply
+        )
+    }
+
     /// Index into per-reason counter arrays.
     pub fn index(self) -> usize {
         self as usize

@@ -20,6 +20,8 @@ pub struct DeviceCounters {
     /// Frames the sensor numbered but that never arrived (binary frames only).
     pub sequence_gaps: AtomicU64,
     pub restarts: AtomicU64,
+    /// Queries written to the port in full (devices with a `query`).
+    pub queries_sent: AtomicU64,
     /// Microseconds since the epoch of the last reading, 0 before the first.
     pub last_reading_us: AtomicU64,
     /// Modbus: exception responses by code (index = code for 1..=11, 0 for any other).
@@ -140,12 +142,17 @@ pub fn now_us() -> u64 {
 /// A frame was skipped. Counted always; logged within [`LogLimit`] per device and reason.
 pub fn frame_rejected(device: &str, counters: &DeviceCounters, reason: Reject) {
     counters.rejected[reason.index()].fetch_add(1, Relaxed);
+    if reason == Reject::Exception {
+        // The bus logs each exception once per session with the points that caused it.
+        return;
+    }
+    let what = if reason.is_poll_failure() { "Poll failed" } else { "Discarding frame" };
     limited(
         counters,
         |l| &mut l.rejected[reason.index()],
         1,
         |a| {
-            tracing::warn!(device, reason = reason.as_str(), suppressed = a.suppressed, "Discarding frame: {reason}.");
+            tracing::warn!(device, reason = reason.as_str(), suppressed = a.suppressed, "{what}: {reason}.");
         },
     );
 }

@@ -22,6 +22,15 @@ fn cfg(top: &str, dev: &str) -> String {
     format!("{GW}{top}{DEV_A}{dev}")
 }
 
+/// A gateway with bus `b` (`bus` adds keys to it) and slave `m` (unit 1; `slave` adds keys)
+/// with one point (`point` replaces its keys after the name).
+fn bus(bus: &str, slave: &str, point: &str) -> String {
+    let point = if point.is_empty() { "table = \"holding\"\naddress = 0\ntype = \"u16\"\n" } else { point };
+    format!(
+        "{GW}[[bus]]\nname = \"b\"\npath = \"/dev/ttyUSB5\"\n{bus}[[bus.device]]\nname = \"m\"\nunit = 1\n{slave}[[bus.device.point]]\nname = \"p\"\n{point}"
+    )
+}
+
 /// Like [`cfg`] with a COBS device `a`.
 fn cobs(dev: &str) -> String {
     format!("{GW}{COBS_A}{dev}")
@@ -171,6 +180,15 @@ fn corpus(dir: &Path) -> Vec<Case> {
         case("bad data_bits", cfg("", "data_bits = 9\n"), "device[0].data_bits", &["must be 5, 6, 7 or 8"], "remove it to use 8"),
         case("bad stop_bits", cfg("", "stop_bits = 3\n"), "device[0].stop_bits", &["must be 1 or 2"], "remove it to use 1"),
         case("idle_timeout too short", cfg("", "idle_timeout = \"10ms\"\n"), "device[0].idle_timeout", &["must be at least 100ms"], "\"30s\""),
+        case("query without query_interval", cfg("", "query = \"R\\r\"\n"), "device[0].query_interval", &["must be set when query is"], "query_interval = \"5s\""),
+        case("query_interval without query", cfg("", "query_interval = \"5s\"\n"), "device[0].query_interval", &["is set but query is not"], "or remove query_interval"),
+        case("empty query", cfg("", "query = \"\"\nquery_interval = \"5s\"\n"), "device[0].query", &["is empty"], "the bytes the sensor answers"),
+        case("query over 256 bytes", cfg("", &format!("query = \"{}\"\nquery_interval = \"5s\"\n", "R".repeat(257))), "device[0].query", &["is 257 bytes long, more than 256"], "shorten it"),
+        case("query_interval too short", cfg("", "query = \"R\\r\"\nquery_interval = \"5ms\"\n"), "device[0].query_interval", &["must be at least 10ms"], "\"5s\""),
+        case("query_interval not below idle_timeout", cfg("", "query = \"R\\r\"\nquery_interval = \"1m\"\n"), "device[0].idle_timeout", &["is 30s but query_interval is 1m: the device would go stale between answers"], "longer than query_interval"),
+        case("write_timeout too short", cfg("", "write_timeout = \"1ms\"\n"), "device[0].write_timeout", &["must be at least 10ms"], "remove it to use 1s"),
+        case("query as a number", cfg("", "query = 82\nquery_interval = \"5s\"\n"), "device[0].query", &["invalid type: integer `82`, expected a string"], FIX_TYPE)
+            .at("query = 82"),
         case("channels on a text device", cfg("", "[[device.channel]]\nid = 1\nname = \"t\"\n"), "device[0].channel", &["only apply to binary (postcard) frames"], "remove the [[device.channel]] tables"),
         case("duplicate channel id", cobs("[[device.channel]]\nid = 1\nname = \"t\"\n[[device.channel]]\nid = 1\nname = \"h\"\n"), "device[0].channel[1].id", &["channel id 1 is listed twice"], "give each channel id one entry"),
         case("duplicate channel name", cobs("[[device.channel]]\nid = 1\nname = \"t\"\n[[device.channel]]\nid = 2\nname = \"t\"\n"), "device[0].channel[1].name", &["channel name \"t\" is used twice"], "its own name"),
@@ -194,7 +212,29 @@ fn corpus(dir: &Path) -> Vec<Case> {
         case("duration without a unit", cfg("", "idle_timeout = 30\n"), "device[0].idle_timeout", &["a duration needs a unit, e.g. \"30s\""], FIX_DURATION),
         case("negative size", cfg("", "max_frame = -1\n"), "device[0].max_frame", &["invalid size -1", "cannot be negative"], FIX_SIZE),
         case("zero max_readings", cfg("[queue]\nmax_readings = 0\n", ""), "queue.max_readings", &["nonzero"], "use a number above 0"),
-        case("no devices", GW.to_string(), "device", &["no [[device]] is configured"], "add a [[device]] table"),
+        case("no devices", GW.to_string(), "device", &["no [[device]] or [[bus]] is configured"], "add a [[device]] table"),
+        // --- Modbus buses ---
+        case("unit out of range", bus("", "", "").replace("unit = 1", "unit = 248"), "bus[0].device[0].unit", &["unit 248 is not a slave address"], "1 to 247"),
+        case("unit 0 (broadcast)", bus("", "", "").replace("unit = 1", "unit = 0"), "bus[0].device[0].unit", &["unit 0 is not a slave address"], "0 is broadcast"),
+        case("two slaves with one unit", bus("", "", "") + "[[bus.device]]\nname = \"n\"\nunit = 1\n[[bus.device.point]]\nname = \"q\"\ntable = \"coil\"\naddress = 0\ntype = \"bool\"\n", "bus[0].device[1].unit", &["unit 1 is also bus[0].device[0]"], "its own address"),
+        case("unknown table", bus("", "", "table = \"registers\"\naddress = 0\ntype = \"u16\"\n"), "bus[0].device[0].point[0].table", &["unknown variant `registers`", "`holding`"], "use one of the expected values")
+            .at("registers"),
+        case("unknown point type", bus("", "", "table = \"holding\"\naddress = 0\ntype = \"float\"\n"), "bus[0].device[0].point[0].type", &["unknown variant `float`", "`f32`"], "use one of the expected values"),
+        case("a 32-bit type on a coil", bus("", "", "table = \"coil\"\naddress = 0\ntype = \"u32\"\n"), "bus[0].device[0].point[0].type", &["a coil table holds single bits, not u32"], "type = \"bool\""),
+        case("word_order on a 16-bit type", bus("", "", "table = \"holding\"\naddress = 0\ntype = \"i16\"\nword_order = \"little\"\n"), "bus[0].device[0].point[0].word_order", &["applies to 32- and 64-bit types, not i16"], "remove word_order"),
+        case("overlapping points of different types", bus("", "", "table = \"holding\"\naddress = 0\ntype = \"u32\"\n[[bus.device.point]]\nname = \"q\"\ntable = \"holding\"\naddress = 1\ntype = \"u16\"\n"), "bus[0].device[0].point[1].address", &["holding 1..2 overlaps point \"p\" (u32 at 0)"], "one register cannot hold two values"),
+        case("writable input register", bus("", "", "table = \"input\"\naddress = 0\ntype = \"u16\"\nwritable = true\n"), "bus[0].device[0].point[0].writable", &["the input table is read-only"], "only coil and holding points"),
+        case("point past the last address", bus("", "", "table = \"holding\"\naddress = 65535\ntype = \"f32\"\n"), "bus[0].device[0].point[0].address", &["2 registers from 65535 run past the last address"], "register map"),
+        case("scale 0", bus("", "", "table = \"holding\"\naddress = 0\ntype = \"u16\"\nscale = 0.0\n"), "bus[0].device[0].point[0].scale", &["must be a finite number other than 0"], "0.1"),
+        case("slave without points", format!("{GW}[[bus]]\nname = \"b\"\npath = \"/dev/ttyUSB5\"\n[[bus.device]]\nname = \"m\"\nunit = 1\n"), "bus[0].device[0].point", &["the slave has no points"], "add a [[bus.device.point]]"),
+        case("bus without slaves", format!("{GW}[[bus]]\nname = \"b\"\npath = \"/dev/ttyUSB5\"\n"), "bus[0].device", &["the bus has no slaves"], "add a [[bus.device]]"),
+        case("slave named like a device", DEV_A.to_string() + &bus("", "", "").replace("name = \"m\"", "name = \"a\""), "bus[0].device[0].name", &["\"a\" is also the name of device[0]"], "its own name"),
+        case("bus on a device's port", DEV_A.to_string() + &bus("", "", "").replace("/dev/ttyUSB5", "/dev/ttyUSB0"), "bus[0].path", &["/dev/ttyUSB0 is also the path of device[0]"], "one port is owned by one device or one bus"),
+        case("request_timeout too short", bus("request_timeout = \"1ms\"\n", "", ""), "bus[0].request_timeout", &["must be between 10ms and 60s"], "\"300ms\""),
+        case("poll_interval too short", bus("", "poll_interval = \"1ms\"\n", ""), "bus[0].device[0].poll_interval", &["must be at least 10ms"], "\"1s\""),
+        case("unknown key in [[bus.device.point]]", bus("", "", "table = \"holding\"\naddress = 0\ntype = \"u16\"\nregister = 3\n"), "bus[0].device[0].point[0].register", &["unknown field `register`"], FIX_UNKNOWN)
+            .at("register = 3"),
+        case("point named _gw", bus("", "", "").replace("name = \"p\"", "name = \"_gw\""), "bus[0].device[0].point[0].name", &["\"_gw\" cannot be used as a field name"], "not \"_gw\""),
     ]
 }
 

@@ -36,8 +36,9 @@ fn example_config_shows_the_real_defaults() {
     let port =
         |d: &sensorgate::config::DeviceConfig| sensorgate::config::PortConfig { path: "".into(), ..d.port.clone() };
     assert_eq!((port(ed), ed.idle_timeout), (port(md), md.idle_timeout));
+    let (es, ms) = (ed.stream().unwrap(), md.stream().unwrap());
     assert_eq!(
-        (ed.stream().unwrap().format(), ed.stream().unwrap().max_frame()),
-        (md.stream().unwrap().format(), md.stream().unwrap().max_frame())
+        (es.format(), es.max_frame(), es.query(), es.write_timeout),
+        (ms.format(), ms.max_frame(), ms.query(), ms.write_timeout)
     );
 }

@@ -126,3 +126,38 @@ async fn a_write_reaches_the_slave_between_polls_and_bad_writes_are_refused() {
     assert_eq!(gateway.await.unwrap().unwrap().lost(), 0);
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_adds_and_removes_a_slave_leaves_the_others_polling() {
+    let dir = common::tempdir();
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
+    let (_bus, link, server) = simulated_bus(dir.path(), &[1, 2, 3]);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    let first = config(broker.port, &link, &[("m1", 1, "100ms"), ("m2", 2, "100ms")]);
+    let gateway =
+        tokio::spawn(app::run_reloadable(first, async { stopped.await.unwrap_or(()) }, reloads, app::Hooks::default()));
+    metrics_where(&mut sub, |m| n(&m["devices"]["m2"], "readings") >= 3).await;
+    reload.send(config(broker.port, &link, &[("m1", 1, "100ms"), ("m3", 3, "100ms")])).await.unwrap();
+    let (gone, seen) = sub
+        .wait_for(Duration::from_secs(10), |m| {
+            m.topic == "sensorgate/it/devices/m2/state" && m.json()["state"] == "stopped"
+        })
+        .await;
+    let m = metrics_where(&mut sub, |m| n(&m["devices"]["m3"], "readings") >= 5).await;
+    assert_eq!(n(&m["devices"]["m1"], "restarts"), 0, "the bus's port stayed open");
+    assert_eq!(m["devices"]["m1"]["state"], "up");
+    let m1_states: Vec<_> = seen.iter().filter(|s| s.topic == "sensorgate/it/devices/m1/state").collect();
+    assert!(m1_states.iter().all(|s| s.json()["state"] == "up"), "m1 never left up: {m1_states:?}");
+    assert!(gone.json()["state"] == "stopped");
+    assert!(m["devices"].get("m2").is_none(), "m2 is gone from the metrics: {}", m["devices"]);
+    common::assert_identities(&m["devices"]["m3"]);
+    stop.send(()).unwrap();
+    let report = gateway.await.unwrap().unwrap();
+    assert_eq!(report.lost(), 0);
+    // m2's lane is kept to the end: what it read was delivered.
+    let (_, m2) = report.devices.iter().find(|(name, _)| name == "m2").unwrap();
+    assert!(m2.readings >= 3 && m2.delivered == m2.readings, "{m2:?}");
+    server.abort();
+}

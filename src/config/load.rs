@@ -86,7 +86,7 @@ impl Config {
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = match e.path().to_string() {
                 p if p == "." => String::new(),
-                p => p.replace(".device[", "device[").trim_start_matches('.').to_string(),
+                p => p.trim_start_matches('.').to_string(),
             };
             let inner = e.into_inner();
             let line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);

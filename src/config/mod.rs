@@ -362,9 +362,20 @@ pub struct StreamConfig {
     pub max_frame: Option<u64>,
     /// Names and units for the numbered channels of binary (postcard) frames.
     pub channels: Vec<Channel>,
+    /// Bytes written to the port every `query_interval`, for sensors that answer only when
+    /// asked. Validation makes `query` and `query_interval` go together.
+    pub query: Option<Vec<u8>>,
+    pub query_interval: Option<Duration>,
+    /// Every write to the port (the query) must finish within this, or the session ends.
+    pub write_timeout: Duration,
 }
 
 impl StreamConfig {
+    /// The query and its interval, when both are set (a valid config has both or neither).
+    pub fn query(&self) -> Option<(&[u8], Duration)> {
+        Some((self.query.as_deref()?, self.query_interval?))
+    }
+
     /// The format after applying the framing's default.
     pub fn format(&self) -> Format {
         self.format.unwrap_or(self.framing.default_format())
@@ -437,6 +448,13 @@ struct StreamDeviceToml {
     /// Names and units for the numbered channels of binary (postcard) frames.
     #[serde(default, rename = "channel")]
     channels: Vec<Channel>,
+    /// Written to the port every `query_interval` (TOML escapes such as `\r` or `\u0002` give
+    /// control bytes; the string's UTF-8 bytes are sent).
+    query: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    query_interval: Option<Duration>,
+    #[serde(default = "d_write_timeout", deserialize_with = "de_duration")]
+    write_timeout: Duration,
     /// Home Assistant sensor entities made from this device's reading fields.
     #[serde(default, rename = "entity")]
     entities: Vec<EntityConfig>,
@@ -444,8 +462,15 @@ struct StreamDeviceToml {
 
 impl From<StreamDeviceToml> for DeviceConfig {
     fn from(t: StreamDeviceToml) -> Self {
-        let stream =
-            StreamConfig { framing: t.framing, format: t.format, max_frame: t.max_frame, channels: t.channels };
+        let stream = StreamConfig {
+            framing: t.framing,
+            format: t.format,
+            max_frame: t.max_frame,
+            channels: t.channels,
+            query: t.query.map(String::into_bytes),
+            query_interval: t.query_interval,
+            write_timeout: t.write_timeout,
+        };
         let port = PortConfig {
             path: t.path,
             baud: t.baud,
@@ -557,6 +582,9 @@ fn d_idle_timeout() -> Duration {
 }
 pub(super) fn d_open_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn d_write_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 impl Config {

@@ -20,7 +20,22 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.devices[0].stream().unwrap().format(), Format::Json);
     assert_eq!(c.devices[0].stream().unwrap().max_frame(), 1024);
     assert_eq!(c.devices[0].idle_timeout, Duration::from_secs(30));
+    assert_eq!(c.devices[0].stream().unwrap().query(), None);
+    assert_eq!(c.devices[0].stream().unwrap().write_timeout, Duration::from_secs(1));
     assert_eq!(c.client_id(), "sensorgate-gw");
+}
+
+/// TOML escapes are how control bytes get into a query; the string's bytes are what is sent.
+#[test]
+fn a_query_is_the_bytes_of_its_toml_string() {
+    let text = MINIMAL.replace(
+        "framing = \"lines\"",
+        "framing = \"lines\"\nquery = \"\\u0002R\\r\\n\"\nquery_interval = \"5s\"\nwrite_timeout = \"200ms\"",
+    );
+    let c = Config::from_toml(&text).unwrap();
+    let s = c.devices[0].stream().unwrap();
+    assert_eq!(s.query(), Some((&b"\x02R\r\n"[..], Duration::from_secs(5))));
+    assert_eq!(s.write_timeout, Duration::from_millis(200));
 }
 
 #[test]

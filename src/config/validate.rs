@@ -13,6 +13,12 @@ use crate::payload::RESERVED_KEY;
 const MIN_PACKET_SIZE: u64 = 128;
 const MAX_PACKET_SIZE: u64 = 268_435_455;
 
+/// The longest `query`: a command to a sensor, not a payload.
+const MAX_QUERY: usize = 256;
+/// `query_interval` and `write_timeout` floor: below it a tick or a write of a few bytes at
+/// 9600 baud cannot be kept.
+const MIN_WRITE_TIME: Duration = Duration::from_millis(10);
+
 impl MqttConfig {
     /// A username and password would cross the network in clear text: plain TCP (no
     /// `[mqtt.tls]`) to a host that is not this machine. Loopback is exempt (a broker on the
@@ -290,7 +296,10 @@ impl Config {
             p.push(Problem::new(k("idle_timeout"), "must be at least 100ms", "use e.g. \"30s\""));
         }
         match &d.input {
-            Input::Stream(stream) => self.validate_stream(p, i, stream),
+            Input::Stream(stream) => {
+                self.validate_stream(p, i, stream);
+                validate_query(p, i, stream, d.idle_timeout);
+            }
             // Slaves come from [[bus]] tables, checked with their bus.
             Input::Modbus(_) => {}
         }
@@ -400,6 +409,60 @@ impl Config {
                 ));
             }
         }
+    }
+}
+
+/// The query keys of a stream input: `query` and `query_interval` together, bounded, and
+/// answers expected more often than the device's `idle_timeout`.
+fn validate_query(p: &mut Vec<Problem>, i: usize, s: &StreamConfig, idle_timeout: Duration) {
+    let k = |field: &str| format!("device[{i}].{field}");
+    match (&s.query, s.query_interval) {
+        (Some(_), None) => p.push(Problem::new(
+            k("query_interval"),
+            "must be set when query is",
+            "add how often the query is sent, e.g. query_interval = \"5s\"",
+        )),
+        (None, Some(_)) => p.push(Problem::new(
+            k("query_interval"),
+            "is set but query is not",
+            "add the bytes the sensor answers, e.g. query = \"R\\r\", or remove query_interval",
+        )),
+        _ => {}
+    }
+    if let Some(q) = &s.query {
+        if q.is_empty() {
+            p.push(Problem::new(
+                k("query"),
+                "is empty",
+                "write the bytes the sensor answers, e.g. query = \"R\\r\", or remove query and query_interval",
+            ));
+        } else if q.len() > MAX_QUERY {
+            p.push(Problem::new(
+                k("query"),
+                format!("is {} bytes long, more than {MAX_QUERY}", q.len()),
+                "a query is a short command; shorten it",
+            ));
+        }
+    }
+    match s.query_interval {
+        Some(every) if every < MIN_WRITE_TIME => {
+            p.push(Problem::new(k("query_interval"), "must be at least 10ms", "use e.g. \"5s\""));
+        }
+        // A sensor that speaks only when asked is silent between queries: it would be `stale`
+        // (and its port reopened) before every answer.
+        Some(every) if s.query.is_some() && every >= idle_timeout => p.push(Problem::new(
+            k("idle_timeout"),
+            format!(
+                "is {} but query_interval is {}: the device would go stale between answers",
+                humantime::format_duration(idle_timeout),
+                humantime::format_duration(every)
+            ),
+            "set idle_timeout longer than query_interval, e.g. to a few intervals",
+        )),
+        _ => {}
+    }
+    if s.write_timeout < MIN_WRITE_TIME {
+        p.push(Problem::new(k("write_timeout"), "must be at least 10ms", "remove it to use 1s"));
     }
 }
 

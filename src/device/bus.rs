@@ -56,8 +56,10 @@ pub struct WriteJob {
 #[derive(Clone)]
 pub struct BusContext {
     pub bus: BusConfig,
-    /// The slaves' runtimes, in `bus.slaves` order.
-    pub slaves: Vec<Arc<DeviceRuntime>>,
+    /// The slaves' runtimes, in `bus.slaves` order; a reload that only adds, removes or
+    /// changes slaves sends the new list here and the running session takes it between
+    /// transactions (the port stays open, the other slaves go on).
+    pub slaves: tokio::sync::watch::Receiver<Vec<Arc<DeviceRuntime>>>,
     pub queue: Arc<ReadingQueue>,
     pub opener: Arc<dyn PortOpener>,
     pub restart_min: Duration,
@@ -70,7 +72,7 @@ pub struct BusContext {
 
 impl BusContext {
     fn set_all(&self, state: State, error: Option<&str>) {
-        for s in &self.slaves {
+        for s in self.slaves.borrow().iter() {
             s.set_state(&self.queue, state, error.map(str::to_string));
         }
     }
@@ -100,6 +102,13 @@ pub async fn supervise_bus(ctx: BusContext, cancel: CancellationToken) {
                 }
                 match end {
                     SessionEnd::Cancelled => break,
+                    SessionEnd::Requested => {
+                        tracing::info!(bus = name, "Restart requested; reopening the bus's port.");
+                        for s in ctx.slaves.borrow().iter() {
+                            s.counters.restarts.fetch_add(1, Relaxed);
+                        }
+                        continue;
+                    }
                     other => (format!("bus {name}: {other}"), State::Backoff),
                 }
             }
@@ -113,7 +122,7 @@ pub async fn supervise_bus(ctx: BusContext, cancel: CancellationToken) {
             backoff_ms = delay.as_millis() as u64,
             "Bus session ended; reopening after backoff."
         );
-        for s in &ctx.slaves {
+        for s in ctx.slaves.borrow().iter() {
             s.counters.restarts.fetch_add(1, Relaxed);
         }
         ctx.set_all(state, Some(&error));
@@ -186,7 +195,6 @@ struct Line {
 
 /// Runs one session on an open port until it fails or `cancel`.
 async fn run(port: SerialPort, ctx: &BusContext, cancel: &CancellationToken) -> SessionEnd {
-    let mut slaves: Vec<Slave> = ctx.slaves.iter().filter_map(|r| Slave::new(r, &ctx.queue)).collect();
     let bus = &ctx.bus;
     let mut line = Line {
         port,
@@ -197,35 +205,103 @@ async fn run(port: SerialPort, ctx: &BusContext, cancel: &CancellationToken) -> 
         turnaround: bus.turnaround,
         quiet_at: None,
     };
+    let mut changes = ctx.slaves.clone();
+    let mut runtimes = changes.borrow_and_update().clone();
+    let mut slaves: Vec<Slave> = runtimes.iter().filter_map(|r| Slave::new(r, &ctx.queue)).collect();
     let mut schedule = Schedule::new(slaves.iter().map(|s| s.config.poll_interval), Instant::now());
     let mut tick = liveness::ticker();
     let mut writes = ctx.writes.lock().await;
-    let end = loop {
-        let Some((i, due)) = schedule.next() else { break SessionEnd::Cancelled };
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break SessionEnd::Cancelled,
-            job = writes.recv() => {
-                let Some(job) = job else { continue };
-                if let Err(end) = write(&mut line, &slaves, job).await {
-                    break end;
+    let (mut writes_open, mut changes_open) = (true, true);
+    let end = 'session: loop {
+        // `restart_device` on any slave reopens the bus's port (it is theirs together).
+        let mut restarts: Vec<_> = runtimes.iter().map(|s| Box::pin(s.restart.notified())).collect();
+        let mut restart = std::future::poll_fn(|cx| {
+            for r in &mut restarts {
+                if std::future::Future::poll(r.as_mut(), cx).is_ready() {
+                    return std::task::Poll::Ready(());
                 }
             }
-            _ = liveness::beating(&ctx.beat, &mut tick, tokio::time::sleep_until(due)) => {
-                if let Err(end) = poll(&mut line, ctx, &mut slaves[i]).await {
-                    break end;
+            std::task::Poll::Pending
+        });
+        loop {
+            let Some((i, due)) = schedule.next() else { break 'session SessionEnd::Cancelled };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break 'session SessionEnd::Cancelled,
+                _ = &mut restart => break 'session SessionEnd::Requested,
+                changed = changes.changed(), if changes_open => {
+                    match changed {
+                        Ok(()) => break,
+                        Err(_) => changes_open = false,
+                    }
                 }
-                let skipped = schedule.polled(i, Instant::now());
-                if skipped > 0 {
-                    overran(bus, &mut slaves, i, skipped);
+                job = writes.recv(), if writes_open => {
+                    // Every sender gone (no slave runtime left to write through): stop asking.
+                    let Some(job) = job else {
+                        writes_open = false;
+                        continue;
+                    };
+                    if let Err(end) = write(&mut line, &slaves, job).await {
+                        break 'session end;
+                    }
+                }
+                _ = liveness::beating(&ctx.beat, &mut tick, tokio::time::sleep_until(due)) => {
+                    if let Err(end) = poll(&mut line, ctx, &mut slaves[i]).await {
+                        break 'session end;
+                    }
+                    let skipped = schedule.polled(i, Instant::now());
+                    if skipped > 0 {
+                        overran(bus, &mut slaves, i, skipped);
+                    }
                 }
             }
         }
+        // A reload changed the slaves: the ones kept keep their state and their ticks.
+        drop(restart);
+        drop(restarts);
+        runtimes = changes.borrow_and_update().clone();
+        (slaves, schedule) = reconcile(std::mem::take(&mut slaves), &schedule, &runtimes, &ctx.queue);
+        tracing::info!(bus = bus.name, slaves = slaves.len(), "Slaves changed by a reload; polling the new set.");
     };
     for s in &slaves {
         s.sink.end();
     }
     end
+}
+
+/// The session's slaves for the runtimes `next`: a slave whose runtime is unchanged (the
+/// same one) keeps its state and schedule; a new or changed one starts now.
+fn reconcile(
+    old: Vec<Slave>,
+    schedule: &Schedule,
+    next: &[Arc<DeviceRuntime>],
+    queue: &Arc<ReadingQueue>,
+) -> (Vec<Slave>, Schedule) {
+    let mut old: Vec<(Option<Slave>, (Duration, Instant))> =
+        old.into_iter().enumerate().map(|(i, s)| (Some(s), schedule.slot(i))).collect();
+    let mut slaves = Vec::with_capacity(next.len());
+    let mut slots = Vec::with_capacity(next.len());
+    for r in next {
+        let kept = old.iter_mut().find(|(s, _)| s.as_ref().is_some_and(|s| Arc::ptr_eq(&s.runtime, r)));
+        match kept.and_then(|(s, slot)| Some((s.take()?, *slot))) {
+            Some((s, slot)) => {
+                slaves.push(s);
+                slots.push(slot);
+            }
+            None => {
+                if let Some(s) = Slave::new(r, queue) {
+                    slots.push((s.config.poll_interval, Instant::now()));
+                    slaves.push(s);
+                }
+            }
+        }
+    }
+    for (gone, _) in old {
+        if let Some(s) = gone {
+            s.sink.end();
+        }
+    }
+    (slaves, Schedule::from_slots(slots))
 }
 
 /// Polls one slave: its requests in turn, stopping at the first that fails. One reading, or
@@ -461,5 +537,210 @@ impl Line {
             }
         }
         Ok(got)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bus task against simulated slaves (rmodbus's server side) on an in-memory stream,
+    //! under paused time: exact counts, no waiting on the wall clock.
+
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::reading::PacketLimit;
+    use crate::reject::Reject;
+    use crate::simulate::modbus::{self as sim, SimBus, SimSlave};
+
+    /// Hands out one end of an in-memory stream, once; later opens fail (an unplugged port).
+    struct Once(Mutex<Option<tokio::io::DuplexStream>>);
+
+    impl PortOpener for Once {
+        fn open<'a>(
+            &'a self,
+            _: &'a crate::config::PortConfig,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<SerialPort>> + Send + 'a>> {
+            let port = self.0.lock().unwrap().take();
+            Box::pin(async move {
+                port.map(|p| Box::new(p) as SerialPort).ok_or_else(|| std::io::ErrorKind::NotFound.into())
+            })
+        }
+    }
+
+    struct Rig {
+        sim: SimBus,
+        slaves: Vec<Arc<DeviceRuntime>>,
+        queue: Arc<ReadingQueue>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+        server: tokio::task::JoinHandle<std::io::Result<()>>,
+        slaves_tx: tokio::sync::watch::Sender<Vec<Arc<DeviceRuntime>>>,
+    }
+
+    /// A bus (`bus` holds its extra keys) with a meter per `(unit, interval)`; the bus task
+    /// running, the simulated meters answering.
+    fn rig(bus: &str, meters: &[(u8, &str)], extra_points: &str) -> Rig {
+        let mut text = format!("[gateway]\nid = \"gw\"\n[[bus]]\nname = \"b\"\npath = \"/dev/b\"\n{bus}\n");
+        for (unit, interval) in meters {
+            text += &format!("[[bus.device]]\nname = \"m{unit}\"\nunit = {unit}\npoll_interval = \"{interval}\"\n");
+            text += sim::METER_POINTS;
+            text += extra_points;
+        }
+        let config = Config::from_toml(&text).unwrap();
+        let queue = Arc::new(ReadingQueue::new(meters.len(), 100_000, 1 << 26, None, 10));
+        let slaves: Vec<_> = config.buses[0]
+            .devices()
+            .enumerate()
+            .map(|(i, d)| Arc::new(DeviceRuntime::new(i, d, format!("state/{i}"), PacketLimit::new(1 << 20))))
+            .collect();
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let sim: SimBus = Arc::new(Mutex::new(meters.iter().map(|(u, _)| SimSlave::meter(*u)).collect()));
+        let server = tokio::spawn(sim::serve(theirs, Arc::clone(&sim)));
+        let (_, rx) = mpsc::channel(1);
+        let (slaves_tx, slaves_rx) = tokio::sync::watch::channel(slaves.clone());
+        let ctx = BusContext {
+            bus: config.buses[0].clone(),
+            slaves: slaves_rx,
+            queue: Arc::clone(&queue),
+            opener: Arc::new(Once(Mutex::new(Some(ours)))),
+            restart_min: Duration::from_secs(1),
+            restart_max: Duration::from_secs(1),
+            jitter: false,
+            beat: crate::liveness::Liveness::new([]).beat_for("bus"),
+            writes: Arc::new(tokio::sync::Mutex::new(rx)),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(supervise_bus(ctx, cancel.clone()));
+        Rig { sim, slaves, queue, cancel, task, server, slaves_tx }
+    }
+
+    impl Rig {
+        async fn stop(mut self) -> Self {
+            self.cancel.cancel();
+            (&mut self.task).await.unwrap();
+            self
+        }
+
+        fn counter(&self, i: usize, reason: Reject) -> u64 {
+            self.slaves[i].counters.rejected[reason.index()].load(Relaxed)
+        }
+
+        fn readings(&self, i: usize) -> u64 {
+            self.queue.stats()[i].readings
+        }
+
+        fn polls(&self, i: usize) -> u64 {
+            self.slaves[i].counters.frames_in.load(Relaxed)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_slave_costs_the_others_only_its_timeout_and_goes_stale() {
+        let rig = rig("baud = 9600\nrequest_timeout = \"100ms\"\nretries = 1", &[(1, "1s"), (2, "1s"), (3, "1s")], "");
+        rig.sim.lock().unwrap()[1].faults.silent = true;
+        // Ticks at 0, 1, …, 9 s: ten polls each.
+        tokio::time::sleep(Duration::from_millis(9_500)).await;
+        let rig = rig.stop().await;
+        for i in [0, 2] {
+            assert_eq!((rig.polls(i), rig.readings(i)), (10, 10), "slave {i} kept its interval");
+            assert_eq!(rig.slaves[i].counters.poll_overruns.load(Relaxed), 0);
+        }
+        assert_eq!((rig.polls(1), rig.readings(1), rig.counter(1, Reject::NoResponse)), (10, 0, 10));
+        let status = rig.slaves[1].status();
+        assert_eq!(status.state, State::Stopped);
+        assert!(status.last_error.unwrap().contains("3 polls in a row failed"), "it went stale on the way");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bus_too_slow_for_its_intervals_skips_ticks_and_counts_them() {
+        let meters = [(1, "20ms"), (2, "20ms"), (3, "20ms"), (4, "20ms")];
+        let rig = rig("baud = 9600", &meters, "");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rig = rig.stop().await;
+        for i in 0..4 {
+            let (polls, overruns) = (rig.polls(i), rig.slaves[i].counters.poll_overruns.load(Relaxed));
+            assert_eq!(rig.readings(i), polls, "every poll answered");
+            // A slave gets a tick every 20 ms: each one is polled or skipped.
+            assert!(
+                overruns > 0 && (polls + overruns).abs_diff(50) <= 2,
+                "slave {i}: {polls} polls, {overruns} skipped"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_crc_is_retried_wrong_unit_is_not_and_neither_becomes_a_reading() {
+        let rig = rig("retries = 1", &[(1, "1s"), (2, "1s")], "");
+        {
+            let mut sim = rig.sim.lock().unwrap();
+            sim[0].faults.bad_crc = true;
+            sim[1].faults.reply_as = Some(9);
+        }
+        tokio::time::sleep(Duration::from_millis(4_500)).await;
+        let rig = rig.stop().await;
+        assert_eq!((rig.polls(0), rig.readings(0), rig.counter(0, Reject::BadCrc)), (5, 0, 5));
+        assert_eq!((rig.polls(1), rig.readings(1), rig.counter(1, Reject::WrongUnit)), (5, 0, 5));
+        let sim = rig.sim.lock().unwrap();
+        // A poll stops at its first failed request: one request, asked twice after a bad CRC.
+        assert_eq!(sim[0].answered, 10, "asked again after each bad CRC");
+        assert_eq!(sim[1].answered, 5, "a wrong unit is not asked again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exceptions_are_counted_by_code_and_fail_the_poll() {
+        let missing = "[[bus.device.point]]\nname = \"far\"\ntable = \"holding\"\naddress = 5000\ntype = \"u16\"\n";
+        let rig = rig("", &[(1, "1s")], missing);
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let rig = rig.stop().await;
+        let c = &rig.slaves[0].counters;
+        assert_eq!((rig.polls(0), rig.readings(0), rig.counter(0, Reject::Exception)), (3, 0, 3));
+        assert_eq!(c.exceptions[2].load(Relaxed), 3, "exception 02, illegal data address");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_adds_and_removes_slaves_without_closing_the_port() {
+        let rig = rig("", &[(1, "1s"), (2, "1s")], "");
+        rig.sim.lock().unwrap().push(SimSlave::meter(3));
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        // The new set: meter 1 as it was, meter 2 gone, meter 3 new.
+        let text = format!(
+            "[gateway]\nid = \"gw\"\n[[bus]]\nname = \"b\"\npath = \"/dev/b\"\n[[bus.device]]\nname = \"m3\"\nunit = 3\n{}",
+            sim::METER_POINTS
+        );
+        let m3 = Config::from_toml(&text).unwrap().buses[0].devices().next().unwrap();
+        let lane = rig.queue.add_lane("m3");
+        let m3 = Arc::new(DeviceRuntime::new(lane, m3, "state/m3".into(), PacketLimit::new(1 << 20)));
+        rig.slaves_tx.send_replace(vec![Arc::clone(&rig.slaves[0]), Arc::clone(&m3)]);
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        let rig = rig.stop().await;
+        // Meter 1 kept its ticks (0, 1, 2, 3, 4 s) and was never reopened; meter 2 was polled
+        // twice; meter 3 from the reload on (1.5, 2.5, 3.5 s).
+        assert_eq!((rig.polls(0), rig.readings(0)), (5, 5));
+        assert_eq!(rig.slaves[0].counters.restarts.load(Relaxed), 0);
+        assert_eq!(rig.polls(1), 2);
+        assert_eq!((m3.counters.frames_in.load(Relaxed), rig.queue.stats()[lane].readings), (3, 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_port_gone_puts_every_slave_in_backoff_and_it_is_reopened() {
+        let rig = rig("", &[(1, "100ms"), (2, "100ms")], "");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!((rig.readings(0), rig.readings(1)), (3, 3));
+        // The simulator's end closes: the gateway sees EOF; reopening fails (Once).
+        rig.server.abort();
+        // Seen at the next poll (300 ms): the bus is only read when a slave is asked.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for s in &rig.slaves {
+            let status = s.status();
+            assert_eq!(status.state, State::Backoff);
+            assert!(status.last_error.unwrap().contains("bus b: end of file"));
+        }
+        let rig = rig.stop().await;
+        for s in &rig.slaves {
+            assert!(s.counters.restarts.load(Relaxed) >= 1);
+            let e = s.status().last_error.unwrap();
+            assert!(e.contains("cannot open") || e.contains("bus b"), "{e}");
+        }
     }
 }

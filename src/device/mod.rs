@@ -2,6 +2,7 @@
 
 mod bus;
 mod port;
+mod query;
 mod session;
 mod supervisor;
 mod termios;
@@ -9,6 +10,7 @@ mod worker;
 
 pub use self::bus::{supervise_bus, BusContext, WriteJob, STALE_AFTER};
 pub use self::port::{Port, PortOpener, SerialOpener, SerialPort};
+pub use self::query::WriteError;
 
 /// Writes (the `write` command) waiting for one bus; more are refused at once.
 pub const WRITES_WAITING: usize = 8;
@@ -46,7 +48,8 @@ pub enum State {
     Up,
     /// No bytes for `idle_timeout`; the port was reopened and is waiting for data.
     Stale,
-    /// The session ended (EOF, I/O error, decoder panic); waiting before reopening.
+    /// The session ended (EOF, I/O error, a failed or timed-out write, decoder panic); waiting
+    /// before reopening.
     Backoff,
     /// The port cannot be opened (missing, busy, timed out); retrying with backoff.
     Failed,

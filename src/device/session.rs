@@ -1,9 +1,12 @@
-//! One open port: read under the idle timeout, hand chunks to the decode thread, end on any
-//! I/O error, EOF, silence or decoder panic. The supervisor decides what happens next.
+//! One open port: read under the idle timeout, hand chunks to the decode thread, write the
+//! query when one is due, end on any I/O error, EOF, silence, failed write or decoder panic.
+//! The supervisor decides what happens next.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -12,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::query::{Query, WriteError};
 use super::worker::{Chunk, Worker};
 use super::{DeviceRuntime, SerialPort, State, SupervisorContext};
 use crate::config::{Input, StreamConfig};
@@ -45,6 +49,9 @@ pub enum SessionEnd {
     Io(#[from] io::Error),
     #[error("no data for {0:?}")]
     Idle(Duration),
+    /// Writing the query failed or timed out (`write_timeout`).
+    #[error(transparent)]
+    Write(WriteError),
     #[error("decoder panicked: {0}")]
     DecoderPanic(String),
     #[error("restart requested")]
@@ -105,23 +112,29 @@ async fn run_stream(
     let mut idle_deadline = Instant::now() + idle;
     let mut tick = liveness::ticker();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // The first query goes out now, right after the port opened.
+    let mut query = stream.query().map(|(bytes, every)| Query::new(bytes, every, stream.write_timeout));
     let mut end = loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
-        let read = tokio::select! {
+        let step = tokio::select! {
             biased;
             _ = dev_cancel.cancelled() => break SessionEnd::Cancelled,
             msg = &mut panic_rx => break SessionEnd::DecoderPanic(msg.unwrap_or_else(|_| "decode thread ended".into())),
             _ = dev.restart.notified() => break SessionEnd::Requested,
-            r = liveness::beating(&ctx.beat, &mut tick, tokio::time::timeout_at(idle_deadline, port.read_buf(&mut buf))) => r,
+            r = liveness::beating(&ctx.beat, &mut tick, tokio::time::timeout_at(idle_deadline, read_or_query(&mut port, &mut buf, &mut query))) => r,
         };
-        match read {
+        match step {
             Err(_) => break SessionEnd::Idle(idle),
+            Ok(Step::Queried(Ok(()))) => {
+                dev.counters.queries_sent.fetch_add(1, Relaxed);
+            }
+            Ok(Step::Queried(Err(e))) => break SessionEnd::Write(e),
             // Never read again after Ok(0): on an unplugged adapter it repeats forever.
-            Ok(Ok(0)) => break SessionEnd::Eof,
-            Ok(Err(e)) => break SessionEnd::Io(e),
-            Ok(Ok(n)) => {
+            Ok(Step::Read(Ok(0))) => break SessionEnd::Eof,
+            Ok(Step::Read(Err(e))) => break SessionEnd::Io(e),
+            Ok(Step::Read(Ok(n))) => {
                 idle_deadline = Instant::now() + idle;
                 dev.counters.bytes_in.fetch_add(n as u64, Relaxed);
                 if std::mem::take(&mut up_on_data) {
@@ -167,6 +180,33 @@ async fn run_stream(
         }
     }
     end
+}
+
+/// What one turn of a stream session's port brought.
+enum Step {
+    Read(io::Result<usize>),
+    /// A query was written in full, or writing it failed or timed out.
+    Queried(Result<(), WriteError>),
+}
+
+/// Reads the port into `buf` and, for a device with a query, drives the query's schedule and
+/// write on the same port: whichever completes first. The port is read while a query waits to
+/// be written (with flow control, the sensor may hold our write until we read its answer).
+/// Cancel safe: a read is only polled, so bytes are never lost, and a query's progress lives
+/// in `query`.
+fn read_or_query<'a>(
+    port: &'a mut SerialPort,
+    buf: &'a mut BytesMut,
+    query: &'a mut Option<Query>,
+) -> impl std::future::Future<Output = Step> + 'a {
+    std::future::poll_fn(move |cx| {
+        if let Some(q) = query.as_mut() {
+            if let Poll::Ready(sent) = q.poll_send(Pin::new(&mut *port), cx) {
+                return Poll::Ready(Step::Queried(sent));
+            }
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut *port), cx, buf).map(Step::Read)
+    })
 }
 
 /// At shutdown: what the port already holds — bytes the sensor sent before the signal, still

@@ -209,7 +209,7 @@ impl Point {
             PointType::I16 => Raw::Signed(i64::from(bits as u16 as i16)),
             PointType::I32 => Raw::Signed(i64::from(bits as u32 as i32)),
             PointType::I64 => Raw::Signed(bits as i64),
-            PointType::F32 => Raw::Float(f64::from(f32::from_bits(bits as u32))),
+            PointType::F32 => Raw::Float(widen(f32::from_bits(bits as u32))),
             PointType::F64 => Raw::Float(f64::from_bits(bits)),
             PointType::Bool => Raw::Bool(bits != 0),
         }
@@ -277,6 +277,15 @@ impl Point {
     }
 }
 
+/// An f32 as the f64 of its shortest decimal form: 230.3f32 becomes 230.3, not
+/// 230.3000030517578 (the meter meant 230.3; the extra digits are the f32's rounding).
+fn widen(f: f32) -> f64 {
+    if !f.is_finite() {
+        return f64::from(f);
+    }
+    ryu::Buffer::new().format_finite(f).parse().unwrap_or(f64::from(f))
+}
+
 /// What a write puts on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Encoded {
@@ -322,14 +331,8 @@ mod tests {
         assert_eq!(field(&point(I32, None), &[0xFFFF, 0xFFFE]), r#""p":-2"#);
         assert_eq!(field(&point(I32, little), &[0xFFFE, 0xFFFF]), r#""p":-2"#);
         let f = 123.456f32.to_bits();
-        assert_eq!(
-            field(&point(F32, None), &[(f >> 16) as u16, f as u16]),
-            format!(r#""p":{}"#, f64::from(123.456f32))
-        );
-        assert_eq!(
-            field(&point(F32, little), &[f as u16, (f >> 16) as u16]),
-            format!(r#""p":{}"#, f64::from(123.456f32))
-        );
+        assert_eq!(field(&point(F32, None), &[(f >> 16) as u16, f as u16]), r#""p":123.456"#);
+        assert_eq!(field(&point(F32, little), &[f as u16, (f >> 16) as u16]), r#""p":123.456"#);
         let d = (-98765.4321f64).to_bits();
         let w = [(d >> 48) as u16, (d >> 32) as u16, (d >> 16) as u16, d as u16];
         assert_eq!(field(&point(F64, None), &w), r#""p":-98765.4321"#);

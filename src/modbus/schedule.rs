@@ -23,6 +23,17 @@ impl Schedule {
         Self { slots: intervals.into_iter().map(|interval| Slot { interval, next: start }).collect() }
     }
 
+    /// A schedule of `(interval, next tick)` per slave (a reload changed the slaves: those
+    /// kept keep their ticks).
+    pub fn from_slots(slots: impl IntoIterator<Item = (Duration, Instant)>) -> Self {
+        Self { slots: slots.into_iter().map(|(interval, next)| Slot { interval, next }).collect() }
+    }
+
+    /// Slave `i`'s interval and next tick.
+    pub fn slot(&self, i: usize) -> (Duration, Instant) {
+        (self.slots[i].interval, self.slots[i].next)
+    }
+
     /// The slave polled next and when: the earliest due, the first in config order on a tie.
     pub fn next(&self) -> Option<(usize, Instant)> {
         self.slots.iter().enumerate().min_by_key(|(i, s)| (s.next, *i)).map(|(i, s)| (i, s.next))

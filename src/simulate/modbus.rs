@@ -4,8 +4,10 @@
 //! late as a real line at a given baud rate would (a pseudo-terminal has none), for benches.
 
 use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use rmodbus::server::storage::ModbusStorageSmall;
 use rmodbus::server::ModbusFrame;
@@ -186,6 +188,39 @@ fn reframe(unit: u8, body: &[u8]) -> Option<Vec<u8>> {
 /// The slaves on one bus, shared with whoever changes their faults.
 pub type SimBus = Arc<Mutex<Vec<SimSlave>>>;
 
+/// Meters answering as `units` (see [`SimSlave::meter`]), ready for [`serve`].
+pub fn meters(units: &[u8]) -> SimBus {
+    Arc::new(Mutex::new(units.iter().map(|&u| SimSlave::meter(u)).collect()))
+}
+
+/// The device name [`bus_toml`] gives the meter answering as `unit`.
+pub fn meter_name(unit: u8) -> String {
+    format!("meter-{unit}")
+}
+
+/// A `[[bus]]` table (named `name`, on `path`, 8E1 at `baud`) polling the meters `units`
+/// every `poll_interval`: one `[[bus.device]]` each, named by [`meter_name`], with
+/// [`METER_POINTS`]. What `sensorgate simulate --modbus` prints and the demo runs on.
+pub fn bus_toml(name: &str, path: &Path, baud: u32, units: &[u8], poll_interval: Duration) -> String {
+    // toml quotes and escapes the strings, whatever the path holds.
+    let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut text = format!(
+        "[[bus]]\nname = {}\npath = {}\nbaud = {baud}\nparity = \"even\"\n",
+        quote(name),
+        quote(&path.display().to_string())
+    );
+    let interval = humantime::format_duration(poll_interval).to_string();
+    for &unit in units {
+        text += &format!(
+            "\n[[bus.device]]\nname = {}\nunit = {unit}\npoll_interval = {}\n",
+            quote(&meter_name(unit)),
+            quote(&interval)
+        );
+        text += METER_POINTS;
+    }
+    text
+}
+
 /// Answers requests on `port` until it fails: reads a whole request (its length from its
 /// first bytes), lets the addressed slave answer. Bytes that are not a request are skipped.
 ///
@@ -295,6 +330,7 @@ async fn sleep_until(at: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::modbus::{Request, Table, Transaction};
 
     /// Real time: the pacing sleeps on a blocking thread, which paused time cannot drive. The
@@ -321,5 +357,22 @@ mod tests {
         // clocks, wall and monotonic, drifting apart).
         assert!(sent <= got_us + 1000, "stamped {}µs after it was read", sent - got_us);
         assert_eq!(pacing.replies.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn the_printed_bus_config_polls_every_meter_with_the_meter_points() {
+        let path = Path::new("/tmp/a \"quoted\" dir/bus");
+        let bus = bus_toml("sim", path, 9600, &[1, 247], Duration::from_millis(1500));
+        let config = Config::from_toml(&format!("[gateway]\nid = \"t\"\n[mqtt]\nport = 1883\n{bus}"))
+            .unwrap_or_else(|p| panic!("{p:?}\n{bus}"));
+        let [b] = &config.buses[..] else { panic!("one bus: {bus}") };
+        assert_eq!(b.port.path, path);
+        assert_eq!(b.port.baud, 9600);
+        let slaves: Vec<_> =
+            b.slaves.iter().map(|s| (s.name.as_str(), s.unit, s.poll_interval, s.points.len())).collect();
+        assert_eq!(
+            slaves,
+            [("meter-1", 1, Duration::from_millis(1500), 7), ("meter-247", 247, Duration::from_millis(1500), 7)]
+        );
     }
 }
