@@ -184,6 +184,9 @@ impl Point {
                     Raw::Bool(b) => f64::from(u8::from(b)),
                 } * self.scale
                     + self.offset;
+                // -39 × 0.1 is -3.9000000000000004 in binary floating point: 15 significant
+                // digits (all an f64 holds for sure) drop that noise, not the value.
+                let x = if self.scaled() && x.is_finite() { format!("{x:.14e}").parse().unwrap_or(x) } else { x };
                 if x.is_finite() {
                     out.put_slice(ryu::Buffer::new().format_finite(x).as_bytes());
                 } else {
@@ -345,6 +348,13 @@ mod tests {
         assert_eq!(field(&point(F32, None), &[0x7FC0, 0]), r#""p":null"#, "NaN is null");
         let scaled = Point { scale: 0.1, offset: -40.0, ..point(I16, None) };
         assert_eq!(field(&scaled, &[0xFFF6]), r#""p":-41.0"#);
+        // Not -3.9000000000000004 (-39 × 0.1 in binary), nor 0.30000000000000004.
+        let tenths = Point { scale: 0.1, ..point(I16, None) };
+        assert_eq!(field(&tenths, &[(-39i16) as u16]), r#""p":-3.9"#);
+        assert_eq!(field(&tenths, &[3]), r#""p":0.3"#);
+        let f = Point { scale: 0.01, ..point(F32, None) };
+        let b = 1234.5f32.to_bits();
+        assert_eq!(field(&f, &[(b >> 16) as u16, b as u16]), r#""p":12.345"#);
         let coil = Point { table: Table::Coil, ..point(Bool, None) };
         let mut out = BytesMut::new();
         coil.write_field(&[], true, &mut out);
