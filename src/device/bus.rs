@@ -576,6 +576,7 @@ mod tests {
         task: tokio::task::JoinHandle<()>,
         server: tokio::task::JoinHandle<std::io::Result<()>>,
         slaves_tx: tokio::sync::watch::Sender<Vec<Arc<DeviceRuntime>>>,
+        writes: mpsc::Sender<WriteJob>,
     }
 
     /// A bus (`bus` holds its extra keys) with a meter per `(unit, interval)`; the bus task
@@ -597,7 +598,7 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(4096);
         let sim: SimBus = Arc::new(Mutex::new(meters.iter().map(|(u, _)| SimSlave::meter(*u)).collect()));
         let server = tokio::spawn(sim::serve(theirs, Arc::clone(&sim)));
-        let (_, rx) = mpsc::channel(1);
+        let (writes, rx) = mpsc::channel(4);
         let (slaves_tx, slaves_rx) = tokio::sync::watch::channel(slaves.clone());
         let ctx = BusContext {
             bus: config.buses[0].clone(),
@@ -612,7 +613,7 @@ mod tests {
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(supervise_bus(ctx, cancel.clone()));
-        Rig { sim, slaves, queue, cancel, task, server, slaves_tx }
+        Rig { sim, slaves, queue, cancel, task, server, slaves_tx, writes }
     }
 
     impl Rig {
@@ -628,6 +629,20 @@ mod tests {
 
         fn readings(&self, i: usize) -> u64 {
             self.queue.stats()[i].readings
+        }
+
+        /// Writes `value` to `point` of `device`, if the bus can start it by `start_by`.
+        async fn write(
+            &self,
+            device: &str,
+            point: &str,
+            value: serde_json::Value,
+            start_by: Instant,
+        ) -> Result<(), String> {
+            let (done, result) = oneshot::channel();
+            let job = WriteJob { device: device.into(), point: point.into(), value, start_by, done };
+            self.writes.send(job).await.unwrap();
+            result.await.unwrap()
         }
 
         fn polls(&self, i: usize) -> u64 {
@@ -720,6 +735,28 @@ mod tests {
         assert_eq!(rig.slaves[0].counters.restarts.load(Relaxed), 0);
         assert_eq!(rig.polls(1), 2);
         assert_eq!((m3.counters.frames_in.load(Relaxed), rig.queue.stats()[lane].readings), (3, 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_are_made_between_polls_and_refused_or_expired_with_a_reason() {
+        let far = "[[bus.device.point]]\nname = \"far\"\ntable = \"holding\"\naddress = 5000\ntype = \"u16\"\nwritable = true\n";
+        let rig = rig("", &[(1, "100ms")], far);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let soon = Instant::now() + Duration::from_secs(1);
+        assert_eq!(rig.write("m1", "setpoint", serde_json::json!(-2.5), soon).await, Ok(()));
+        assert_eq!(rig.sim.lock().unwrap()[0].storage.holdings[10], (-25i16) as u16);
+        let refused = rig.write("m1", "far", serde_json::json!(1), soon).await;
+        assert_eq!(refused, Err("exception 02: illegal data address".into()));
+        let not_writable = rig.write("m1", "voltage", serde_json::json!(1), soon).await;
+        assert!(not_writable.unwrap_err().contains("is not writable"));
+        // A write that could not start in time (its bus was down) is answered, never made.
+        let past = Instant::now() - Duration::from_millis(1);
+        let late = rig.write("m1", "setpoint", serde_json::json!(30), past).await;
+        assert!(late.unwrap_err().contains("nothing was written"));
+        assert_eq!(rig.sim.lock().unwrap()[0].storage.holdings[10], (-25i16) as u16);
+        let rig = rig.stop().await;
+        // Polls went on around the writes (the exception of "far" fails each of them).
+        assert!(rig.polls(0) >= 1);
     }
 
     #[tokio::test(start_paused = true)]
