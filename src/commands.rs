@@ -370,18 +370,7 @@ impl CommandContext {
         let crate::config::Input::Modbus(slave) = &dev.config.input else {
             return Err(bad(format!("{device:?} is not a Modbus slave; only points of [[bus.device]] can be written")));
         };
-        let writable: Vec<&str> = slave.points.iter().filter(|p| p.writable).map(|p| p.name.as_str()).collect();
-        let p = slave.points.iter().find(|p| p.name == point).ok_or_else(|| {
-            bad(format!("{device:?} has no point {point:?}; its writable points: {}", writable.join(", ")))
-        })?;
-        if !p.writable {
-            return Err(bad(format!(
-                "point {point:?} of {device:?} is not writable (writable = true in its [[bus.device.point]] allows it); \
-                 writable points: {}",
-                writable.join(", ")
-            )));
-        }
-        p.encode(value).map_err(bad)?;
+        slave.write_of(point, value).map_err(bad)?;
         let (done, result) = tokio::sync::oneshot::channel();
         let job = crate::device::WriteJob {
             device: device.to_string(),

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::units::de_duration;
 use super::validate::{check_port, check_topic_name};
 use super::{d_data_bits, d_open_timeout, d_stop_bits, DeviceConfig, FlowControl, Input, Parity, PortConfig, Problem};
+use crate::modbus::point::Encoded;
 use crate::modbus::{Point, PointType};
 use crate::payload::RESERVED_KEY;
 
@@ -50,6 +51,32 @@ impl SlaveConfig {
     /// The unit id (validated to be 1..=247).
     pub fn unit_id(&self) -> u8 {
         self.unit as u8
+    }
+
+    /// The point `name` and what writing `value` to it puts on the wire. The `write`
+    /// command checks a request with it at once, and the bus again when it makes the write
+    /// (a reload may have changed the point meanwhile).
+    ///
+    /// # Errors
+    /// Why it cannot be written, for the command's answer: no such point, not writable, or
+    /// a value the point's type cannot take.
+    pub fn write_of(&self, name: &str, value: &serde_json::Value) -> Result<(&Point, Encoded), String> {
+        let writable =
+            || self.points.iter().filter(|p| p.writable).map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ");
+        let device = &self.name;
+        let point = self
+            .points
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| format!("{device:?} has no point {name:?}; its writable points: {}", writable()))?;
+        if !point.writable {
+            return Err(format!(
+                "point {name:?} of {device:?} is not writable (writable = true in its [[bus.device.point]] allows it); \
+                 writable points: {}",
+                writable()
+            ));
+        }
+        Ok((point, point.encode(value)?))
     }
 }
 

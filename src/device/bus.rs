@@ -25,7 +25,6 @@ use crate::config::{BusConfig, Input, SlaveConfig};
 use crate::decode::Decoded;
 use crate::input::ReadingSink;
 use crate::liveness::{self, Beat};
-use crate::modbus::point::Encoded;
 use crate::modbus::rtu::{self, exception_name};
 use crate::modbus::{plan, Fault, Request, Schedule, Transaction};
 use crate::queue::ReadingQueue;
@@ -427,19 +426,8 @@ async fn write(line: &mut Line, slaves: &[Slave], job: WriteJob) -> Result<(), S
         let _ = job.done.send(Err(format!("device {:?} is not a Modbus slave on a running bus", job.device)));
         return Ok(());
     };
-    let Some(point) = s.config.points.iter().find(|p| p.name == job.point) else {
-        let _ = job.done.send(Err(format!("device {:?} has no point {:?}", job.device, job.point)));
-        return Ok(());
-    };
-    if !point.writable {
-        let _ = job.done.send(Err(format!(
-            "point {:?} is not writable (set writable = true in its [[bus.device.point]])",
-            point.name
-        )));
-        return Ok(());
-    }
-    let value: Encoded = match point.encode(&job.value) {
-        Ok(v) => v,
+    let (point, value) = match s.config.write_of(&job.point, &job.value) {
+        Ok(write) => write,
         Err(e) => {
             let _ = job.done.send(Err(e));
             return Ok(());
