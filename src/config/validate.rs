@@ -224,10 +224,32 @@ impl Config {
             bus.validate(&mut p, b);
             self.check_bus_against_others(&mut p, b, bus);
         }
+        self.check_slave_names(&mut p);
         p
     }
 
-    /// A bus's path and its slaves' names against the devices and the buses before it.
+    /// Slaves are devices: their names are topic levels, unique among every device.
+    fn check_slave_names(&self, p: &mut Vec<Problem>) {
+        let slaves: Vec<(String, &str)> = (self.buses.iter().enumerate())
+            .flat_map(|(b, bus)| {
+                bus.slaves.iter().enumerate().map(move |(s, sl)| (format!("bus[{b}].device[{s}]"), sl.name.as_str()))
+            })
+            .collect();
+        for (k, (key, name)) in slaves.iter().enumerate() {
+            check_topic_name(p, &format!("{key}.name"), name);
+            let earlier = (self.devices.iter().position(|d| d.name == *name).map(|i| format!("device[{i}]")))
+                .or_else(|| slaves[..k].iter().find(|(_, n)| n == name).map(|(other, _)| other.clone()));
+            if let Some(earlier) = earlier {
+                p.push(Problem::new(
+                    format!("{key}.name"),
+                    format!("{name:?} is also the name of {earlier}"),
+                    "give every device its own name (slaves are devices: they have their own topics)",
+                ));
+            }
+        }
+    }
+
+    /// A bus's path and name against the devices and the buses before it.
     fn check_bus_against_others(&self, p: &mut Vec<Problem>, b: usize, bus: &super::BusConfig) {
         let path = &bus.port.path;
         let other = self.devices.iter().position(|d| d.port.path == *path).map(|i| format!("device[{i}]"));
@@ -246,31 +268,6 @@ impl Config {
                 format!("{:?} is also the name of bus[{o}]", bus.name),
                 "give every bus its own name",
             ));
-        }
-        for (s, slave) in bus.slaves.iter().enumerate() {
-            let earlier =
-                self.devices.iter().position(|d| d.name == slave.name).map(|i| format!("device[{i}]")).or_else(|| {
-                    let mut before = self.buses[..b]
-                        .iter()
-                        .enumerate()
-                        .flat_map(|(ob, o)| o.slaves.iter().enumerate().map(move |(os, sl)| (ob, os, sl)));
-                    let same_bus = bus.slaves[..s]
-                        .iter()
-                        .position(|o| o.name == slave.name)
-                        .map(|os| format!("bus[{b}].device[{os}]"));
-                    before
-                        .find(|(_, _, o)| o.name == slave.name)
-                        .map(|(ob, os, _)| format!("bus[{ob}].device[{os}]"))
-                        .or(same_bus)
-                });
-            check_topic_name(p, &format!("bus[{b}].device[{s}].name"), &slave.name);
-            if let Some(earlier) = earlier {
-                p.push(Problem::new(
-                    format!("bus[{b}].device[{s}].name"),
-                    format!("{:?} is also the name of {earlier}", slave.name),
-                    "give every device its own name (slaves are devices: they have their own topics)",
-                ));
-            }
         }
     }
 
