@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench e2e` runs the default scenarios; `SG_BENCH=quick` runs a short set,
 //! `SG_BENCH=overload` only the 16-port as-fast-as-possible one (peak RSS under overload),
+//! `SG_BENCH=targets` the cost-per-reading targets (paced and burst 16 x 1000/s, overload at
+//! QoS 0 and 1, 16 x 80/s against 128 x 10/s),
 //! `SG_BENCH=scale` the scaling set: 16, 32, 64 and 128 paced JSON devices at QoS 0, once with
 //! the total rate held at 16 000 readings/s and once at 100 readings/s per device, gateway and
 //! floor each, one row per device count (does one decode thread per device scale?).
@@ -19,6 +21,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{cpu_seconds, memory_mib, Gateway, Mosquitto, Subscriber};
@@ -43,6 +47,11 @@ struct Scenario {
     floor: bool,
 }
 
+/// Readings per write when the sensors send as fast as the ptys take...
+const OVERLOAD_WRITE: u64 = 32;
+/// ...for this long: long enough that the start (queue filling, first reads) is a small part.
+const OVERLOAD_TIME: Duration = Duration::from_secs(8);
+
 /// Set in the child process that runs the floor: `<broker port>;<pty path>,<pty path>…`.
 const FLOOR_ENV: &str = "SG_BENCH_FLOOR";
 
@@ -62,7 +71,24 @@ fn scenarios() -> Vec<Scenario> {
     let list = if quick {
         vec![s(4, JSON, 1, 0, 20_000), s(16, JSON, 0, 1000, 5_000), paced(s(16, JSON, 0, 1000, 5_000))]
     } else if std::env::var("SG_BENCH").is_ok_and(|v| v == "overload") {
-        vec![s(16, JSON, 0, 0, 12_500)]
+        vec![s(16, JSON, 0, 0, 10_000_000), s(16, JSON, 1, 0, 10_000_000)]
+    } else if std::env::var("SG_BENCH").is_ok_and(|v| v == "profile") {
+        // One long paced run of the gateway alone (or the floor, SG_BENCH_SUBJECT=floor), to
+        // attach a profiler to.
+        let sc = paced(s(16, JSON, 0, 1000, 30_000));
+        return vec![Scenario { floor: std::env::var("SG_BENCH_SUBJECT").is_ok_and(|v| v == "floor"), ..sc }];
+    } else if std::env::var("SG_BENCH").is_ok_and(|v| v == "targets") {
+        // The cost-per-reading targets: paced and burst at 16 x 1000/s, overload at QoS 0 and
+        // 1, and many slow sensors against few faster ones at the same total rate.
+        vec![
+            paced(s(16, JSON, 0, 1000, 10_000)),
+            s(16, JSON, 0, 1000, 10_000),
+            paced(s(16, JSON, 1, 1000, 10_000)),
+            s(16, JSON, 0, 0, 10_000_000),
+            s(16, JSON, 1, 0, 10_000_000),
+            paced(s(16, JSON, 0, 80, 800)),
+            paced(s(128, JSON, 0, 10, 100)),
+        ]
     } else {
         vec![
             s(1, JSON, 0, 0, 200_000),
@@ -244,8 +270,12 @@ async fn paced_writer(spec: SimSpec, port: &mut tokio_serial::SerialStream, rate
     }
 }
 
+/// What the floor holds for the broker at most; beyond it, it stops reading its ports.
+const FLOOR_MAX_BUF: usize = 1 << 20;
+
 /// The floor: one thread reads every port and writes each line, unchanged, to the broker as
-/// a QoS 0 PUBLISH; everything ready is written with one syscall. Runs until killed.
+/// a QoS 0 PUBLISH; everything ready is written with one syscall, at most FLOOR_MAX_BUF
+/// waits (so under overload the sensors wait, and nothing is dropped). Runs until killed.
 fn floor_forwarder(arg: &str) {
     use std::cell::RefCell;
     use std::rc::Rc;
@@ -276,13 +306,18 @@ fn floor_forwarder(arg: &str) {
         assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "CONNACK");
         let out = Rc::new(RefCell::new(bytes::BytesMut::with_capacity(64 * 1024)));
         let ready = Rc::new(tokio::sync::Notify::new());
+        let room = Rc::new(tokio::sync::Notify::new());
         for (i, path) in paths.into_iter().enumerate() {
-            let (out, ready) = (Rc::clone(&out), Rc::clone(&ready));
+            let (out, ready, room) = (Rc::clone(&out), Rc::clone(&ready), Rc::clone(&room));
             tokio::task::spawn_local(async move {
                 let mut pty = tokio_serial::SerialStream::open(&tokio_serial::new(&path, 115_200)).unwrap();
                 let topic = format!("sensorgate/b/devices/d{i}/readings");
                 let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
                 loop {
+                    // Bounded: while the broker is behind, the ports wait (the sensors block).
+                    while out.borrow().len() > FLOOR_MAX_BUF {
+                        room.notified().await;
+                    }
                     if pty.read_buf(&mut buf).await.unwrap_or(0) == 0 {
                         return;
                     }
@@ -301,6 +336,7 @@ fn floor_forwarder(arg: &str) {
             ready.notified().await;
             let batch = out.borrow_mut().split();
             tcp.write_all(&batch).await.unwrap();
+            room.notify_waiters();
         }
     });
 }
@@ -359,42 +395,61 @@ async fn run(sc: Scenario) -> Outcome {
     let broker_pid = broker.pid().expect("broker runs");
     let broker_cpu0 = cpu_seconds(broker_pid);
     let started = Instant::now();
+    // Readings written so far, and writers still writing (an overload run writes for a time,
+    // not a count).
+    let written = Arc::new(AtomicU64::new(0));
+    let writing = Arc::new(AtomicUsize::new(sc.devices));
     let writers: Vec<_> = ptys
         .into_iter()
         .map(|mut pty| {
             let spec = sc.spec;
+            let (written, writing) = (Arc::clone(&written), Arc::clone(&writing));
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 if sc.rate == 0 {
-                    let stamp = common::now_us();
-                    for n in 0..sc.count {
-                        spec.render(n, stamp, &mut buf);
+                    // As fast as the pty takes for OVERLOAD_TIME (at most `count`), in writes
+                    // of OVERLOAD_WRITE readings, each stamped when it is written: a reading's
+                    // latency includes its wait in the pty's buffer (what a gateway that stops
+                    // reading makes stale).
+                    let mut n = 0;
+                    while n < sc.count && started.elapsed() < OVERLOAD_TIME {
+                        buf.clear();
+                        let stamp = common::now_us();
+                        let k = OVERLOAD_WRITE.min(sc.count - n);
+                        for i in n..n + k {
+                            spec.render(i, stamp, &mut buf);
+                        }
+                        pty.master.write_all(&buf).await.unwrap();
+                        n += k;
+                        written.fetch_add(k, Relaxed);
                     }
-                    pty.master.write_all(&buf).await.unwrap();
                 } else if sc.paced {
                     paced_writer(spec, &mut pty.master, sc.rate, sc.count).await;
                 } else {
                     sensorgate::simulate::run(spec, &mut pty.master, sc.rate, sc.count, 0).await.unwrap();
                 }
+                if sc.rate > 0 {
+                    written.fetch_add(sc.count, Relaxed);
+                }
+                writing.fetch_sub(1, Relaxed);
                 pty
             })
         })
         .collect();
 
-    let total = sc.count * sc.devices as u64;
     let mut got = 0u64;
-    let mut latencies = Vec::with_capacity(total as usize);
+    let mut latencies = Vec::with_capacity((sc.count * sc.devices as u64).min(1 << 22) as usize);
     let mut last = started;
     loop {
         match tokio::time::timeout(Duration::from_secs(5), sub.rx.recv()).await {
             Ok(Some(m)) if m.topic.ends_with("/readings") => {
                 got += 1;
                 last = Instant::now();
-                if sc.rate > 0 && sc.spec.format == Format::Json {
+                if sc.spec.format == Format::Json {
                     let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
                     latencies.push(m.received_us.saturating_sub(v["sent_us"].as_u64().unwrap()));
                 }
-                if got == total {
+                if writing.load(Relaxed) == 0 && got == written.load(Relaxed) {
                     break;
                 }
             }
@@ -418,6 +473,7 @@ async fn run(sc: Scenario) -> Outcome {
     for w in writers {
         drop(w.await.unwrap());
     }
+    let total = written.load(Relaxed);
     let (dropped, delivered) = match subject {
         Subject::Gateway(mut gw) => {
             // The gateway's own account (final metrics after SIGTERM): what it dropped on purpose.
@@ -546,11 +602,13 @@ fn main() {
         run_scale(&rt);
         return;
     }
+    let list = scenarios();
+    ensure_fd_limit(list.iter().map(|sc| sc.devices).max().unwrap_or(0));
     println!(
         "| subject | sensor | ports | framing | QoS | rate/port | delivered/s | dropped_oldest (counted) | unaccounted | p50 ms | p99 ms | max ms | CPU s/100k | peak RSS MiB | subject CPU | broker CPU |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for sc in scenarios() {
+    for sc in list {
         let outcome = rt.block_on(run(sc));
         print_row(&sc, &outcome);
     }
