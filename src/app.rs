@@ -18,7 +18,8 @@ use crate::backoff::Backoff;
 use crate::commands::{self, CommandContext};
 use crate::config::{BusConfig, Config, DeviceConfig};
 use crate::device::{
-    self, BusContext, DecoderFactory, DeviceRuntime, PortOpener, Registry, SerialOpener, State, SupervisorContext,
+    self, BusContext, DecoderFactory, DeviceRuntime, InputPool, PortOpener, Registry, SerialOpener, State,
+    SupervisorContext,
 };
 use crate::homeassistant::{Discovery, SharedDiscovery};
 use crate::liveness::{Liveness, BEAT_EVERY};
@@ -39,18 +40,21 @@ const SWITCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 const CONNECTION: &str = "mqtt-connection";
 
-/// The seams: where ports come from, which decoders run, whether backoff is jittered.
+/// The seams: where ports come from, which decoders run, whether backoff is jittered, how
+/// many input threads the stream devices share.
 #[derive(Clone)]
 pub struct Hooks {
     pub opener: Arc<dyn PortOpener>,
     pub decoders: DecoderFactory,
     /// Off in tests that need exact timings.
     pub jitter: bool,
+    /// None: one per core, fewer for fewer devices ([`InputPool::size_for`]).
+    pub input_threads: Option<usize>,
 }
 
 impl Default for Hooks {
     fn default() -> Self {
-        Self { opener: Arc::new(SerialOpener), decoders: device::default_decoders(), jitter: true }
+        Self { opener: Arc::new(SerialOpener), decoders: device::default_decoders(), jitter: true, input_threads: None }
     }
 }
 
@@ -73,6 +77,8 @@ pub enum AppError {
     Setup(#[from] std::io::Error),
     #[error("the {0} task stopped unexpectedly: {1}")]
     CriticalTaskDied(&'static str, String),
+    #[error("cannot start the input threads: {0}")]
+    InputThreads(std::io::Error),
 }
 
 /// Runs the gateway until `shutdown` completes, then shuts down within
@@ -104,7 +110,7 @@ pub async fn run_reloadable(
     mut reloads: mpsc::Receiver<Config>,
     hooks: Hooks,
 ) -> Result<Report, AppError> {
-    let core = Core::new(&config, hooks);
+    let core = Core::new(&config, hooks)?;
     let mut devices: Vec<RunningUnit> = units(&config).iter().map(|u| core.start_unit(u, &[])).collect();
     core.registry.set(runtimes(&devices));
     let mut side = core.start_mqtt(&config)?;
@@ -148,7 +154,7 @@ struct Core {
     config: Arc<RwLock<Config>>,
     topics: Topics,
     queue: Arc<ReadingQueue>,
-    /// `mqtt.max_packet_size`, shared with every device's decode thread.
+    /// `mqtt.max_packet_size`, shared with every device's input.
     packet_limit: PacketLimit,
     registry: Arc<Registry>,
     live: Arc<Liveness>,
@@ -159,6 +165,8 @@ struct Core {
     /// Parent of every device's stop token.
     devices_stop: CancellationToken,
     draining: CancellationToken,
+    /// The threads the stream devices' supervisors run on (read, decode); stopped last.
+    inputs: Arc<InputPool>,
 }
 
 /// What owns a port and is supervised on its own: a listening device, or a Modbus bus with
@@ -224,7 +232,10 @@ struct MqttSide {
 }
 
 impl Core {
-    fn new(config: &Config, hooks: Hooks) -> Self {
+    fn new(config: &Config, hooks: Hooks) -> Result<Self, AppError> {
+        let streams = units(config).iter().filter(|u| matches!(u, Unit::Device(_))).count();
+        let threads = hooks.input_threads.unwrap_or_else(|| InputPool::size_for(streams));
+        let inputs = Arc::new(InputPool::new(threads).map_err(AppError::InputThreads)?);
         let queue = Arc::new(ReadingQueue::new(
             0,
             config.queue.max_readings.get(),
@@ -234,7 +245,7 @@ impl Core {
         ));
         let topics = Topics::new(config);
         let discovery = config.homeassistant.enabled.then(|| Discovery::new(config, &topics));
-        Self {
+        Ok(Self {
             started: Instant::now(),
             config: Arc::new(RwLock::new(config.clone())),
             topics,
@@ -247,7 +258,8 @@ impl Core {
             hooks,
             devices_stop: CancellationToken::new(),
             draining: CancellationToken::new(),
-        }
+            inputs,
+        })
     }
 
     fn config(&self) -> Config {
@@ -280,8 +292,9 @@ impl Core {
                     beat,
                 };
                 let stop = stop.clone();
+                let inputs = Arc::clone(&self.inputs);
                 tokio::spawn(keep_running(runtimes.clone(), Arc::clone(&self.queue), stop.clone(), move || {
-                    tokio::spawn(device::supervise(ctx.clone(), stop.clone()))
+                    inputs.spawn(device::supervise(ctx.clone(), stop.clone()))
                 }))
             }
             (Unit::Bus(bus), Some((_, rx))) => {
@@ -357,7 +370,7 @@ impl Core {
         true
     }
 
-    /// Stops a unit's supervisor and waits for its sessions (and decode threads) to finish.
+    /// Stops a unit's supervisor and waits for its sessions (and their decoding) to finish.
     async fn stop_unit(&self, u: RunningUnit, deadline: Instant) -> Vec<Arc<DeviceRuntime>> {
         u.stop.cancel();
         let name = u.unit.component();
@@ -570,7 +583,7 @@ impl Core {
         self.start_mqtt(next)
     }
 
-    /// Phase 1: stop reading (sessions end, decode threads finish the bytes already read, so
+    /// Phase 1: stop reading (sessions end, decoders finish the bytes already read, so
     /// every frame read is counted). Phase 2: drain, final metrics, `offline`, DISCONNECT.
     async fn shut_down(&self, devices: Vec<RunningUnit>, mut side: MqttSide) -> Report {
         let config = self.config();
@@ -606,7 +619,7 @@ impl Core {
         )
         .await;
         if !all_stopped {
-            // Their sessions are left behind (a decode thread stuck on a frame cannot be
+            // Their sessions are left behind (a decoder stuck on a frame cannot be
             // stopped); the process ends without them.
             tracing::error!(
                 devices = %late(),

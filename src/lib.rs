@@ -1,11 +1,11 @@
 //! sensorgate: serial sensors → MQTT, small, bounded and supervised.
 //!
 //! ```text
-//!  serial port ─► device supervisor (tokio task per device, owns the SerialStream)
-//!                   │ read() under idle_timeout; chunks over a small bounded channel
-//!                   ▼
-//!                 decode thread (std::thread "decode-<device>", owns the stream input)
+//!  serial port ─► device supervisor (task per device, owns the SerialStream) on an input
+//!                 thread ("input-<n>": one per core, a single-threaded runtime each; never
+//!                 the runtime of the MQTT connection), read() under idle_timeout, then
 //!                   │ framing (lines | cobs) → decode (json | kv | postcard) → ReadingSink
+//!                   │ in the same task (a decoder that proves slow moves to "decode-<device>")
 //!                   │ bad frame: counted by reason, logged, skipped
 //!                   │ push(): synchronous, never blocks
 //!                   ▼
@@ -25,7 +25,8 @@
 //! - [`input`]: the `ReadingSink` every input ends in (fields → payload → checks → queue →
 //!   counters) and the stream input (chunks → framer → decoder → sink). Sans-IO.
 //! - [`queue`]: the one bounded queue and the in-flight ledger.
-//! - [`device`]: supervisor, session and decode thread of one serial device; the bus task
+//! - [`device`]: supervisor and session of one serial device, the input threads they run on
+//!   and the decode thread a slow decoder is moved to; the bus task
 //!   that polls a Modbus RTU bus. [`modbus`]: its sans-IO half (points, plan, RTU, schedule).
 //! - [`mqtt`]: the connection task (the only MQTT client code): codec, connect, session.
 //! - [`telemetry`]: counters and log-and-count events; [`metrics`]: the metrics payload.

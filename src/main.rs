@@ -176,9 +176,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// glibc gives every thread that allocates its own malloc arena; with a decode thread per
-/// device that multiplies heap overhead (RSS) for nothing: allocations happen per chunk and
-/// per arena chunk, not per reading, so two arenas carry no contention worth avoiding.
+/// glibc gives every thread that allocates its own malloc arena; with several input threads
+/// (and a slow decoder's own thread) that multiplies heap overhead (RSS) for nothing: two
+/// arenas carry no contention worth avoiding.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: called first thing in main, before any other thread exists; integer arguments.
@@ -202,8 +202,16 @@ fn exit_from(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// The runtime of the MQTT connection, the buses, commands and health. One worker: the stream
+/// devices read and decode on input threads of their own (`device::InputPool`), so what runs
+/// here is light, and a second worker only added wake-ups (two workers waking each other
+/// cost more CPU per reading than the work they shared).
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// `RUST_LOG` wins over the config's `log.filter`. Under systemd (stderr is the journal
@@ -558,7 +566,7 @@ mod test_hooks {
     impl Decode for Slow {
         fn decode(&mut self, frame: &[u8], out: &mut BytesMut) -> Result<Decoded, Reject> {
             match self.delay {
-                // Decoders run on their own thread (device/worker.rs), never on a tokio worker.
+                // Decoders run on the input threads (device/pool.rs), never on the MQTT runtime.
                 #[allow(clippy::disallowed_methods)]
                 Some(d) => std::thread::sleep(d),
                 None => loop {

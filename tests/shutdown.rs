@@ -39,7 +39,8 @@ fn stop(gw: &mut Gateway, at_most: Duration) -> (std::process::ExitStatus, Durat
 /// A decoder that never returns cannot hold the process: the gateway names the late device at
 /// its deadline and the process is gone within `shutdown_timeout` + 1 s. (Before: the runtime's
 /// drop waited for the thread joining the hung decoder, forever.) The healthy device's readings
-/// are all delivered meanwhile.
+/// are all delivered meanwhile (it reads on the other input thread: with one core, the two
+/// would share one, and a decoder that never returns would hold both).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_the_process_in_time_with_a_hung_decoder() {
     let dir = common::tempdir();
@@ -72,11 +73,6 @@ async fn sigterm_ends_the_process_in_time_with_a_hung_decoder() {
     let deadlines = gw.log_records("Deadline reached.");
     assert_eq!(deadlines.len(), 1, "{deadlines:?}");
     assert_eq!(deadlines[0]["waiting_for"], "devices still stopping: h");
-    assert_eq!(
-        gw.log_records("Decode thread still busy with this session's bytes (a decoder stuck on a frame?); waiting.")
-            .len(),
-        1
-    );
     let finals = gw.log_records("Final accounting.");
     let fin = |d: &str| finals.iter().find(|f| f["device"] == d).cloned().unwrap_or_else(|| panic!("{d}: {finals:?}"));
     assert_eq!((n(&fin("ok"), "delivered"), n(&fin("ok"), "lost")), (5, 0));

@@ -1,6 +1,8 @@
-//! One serial device: its supervisor task, its session (owns the port) and its decode thread.
+//! One serial device: its supervisor task and its session (owns the port, decodes what it
+//! reads), which run on an input thread, and the decode thread a slow decoder is moved to.
 
 mod bus;
+mod pool;
 mod port;
 mod query;
 mod session;
@@ -14,6 +16,7 @@ pub use self::query::WriteError;
 
 /// Writes (the `write` command) waiting for one bus; more are refused at once.
 pub const WRITES_WAITING: usize = 8;
+pub use self::pool::InputPool;
 pub use self::session::SessionEnd;
 pub use self::supervisor::{supervise, SupervisorContext};
 
@@ -83,6 +86,9 @@ pub struct DeviceRuntime {
     pub restart: tokio::sync::Notify,
     /// A Modbus slave's bus, which takes its writes (the `write` command).
     pub writes: Option<tokio::sync::mpsc::Sender<WriteJob>>,
+    /// Its decoder once took longer than `session::SLOW_DECODE` over a read: from then on it
+    /// decodes on a thread of its own, not on the input thread it shares.
+    pub decodes_alone: std::sync::atomic::AtomicBool,
 }
 
 impl DeviceRuntime {
@@ -97,6 +103,7 @@ impl DeviceRuntime {
             status: Arc::new(Mutex::new(status)),
             restart: tokio::sync::Notify::new(),
             writes: None,
+            decodes_alone: Default::default(),
         }
     }
 
@@ -116,6 +123,7 @@ impl DeviceRuntime {
             status: Arc::clone(&self.status),
             restart: tokio::sync::Notify::new(),
             writes: None,
+            decodes_alone: Default::default(),
         }
     }
 

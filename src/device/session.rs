@@ -1,11 +1,10 @@
-//! One open port: read under the idle timeout, hand chunks to the decode thread, write the
-//! query when one is due, end on any I/O error, EOF, silence, failed write or decoder panic.
-//! The supervisor decides what happens next.
+//! One open port: read under the idle timeout, decode what was read, write the query when one
+//! is due, end on any I/O error, EOF, silence, failed write or decoder panic. The supervisor
+//! decides what happens next.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -19,21 +18,22 @@ use super::query::{Query, WriteError};
 use super::worker::{Chunk, Worker};
 use super::{DeviceRuntime, SerialPort, State, SupervisorContext};
 use crate::config::{Input, StreamConfig};
-use crate::input::panic_message;
+use crate::input::{panic_message, StreamInput};
 use crate::liveness;
 use crate::telemetry::now_us;
 
-/// Read buffer growth step. Chunks are split off it, so one allocation serves many reads.
+/// Read buffer size. Decoded in place and cleared after every read (chunks are split off it
+/// for a decode thread, so one allocation serves many reads).
 const READ_CHUNK: usize = 4096;
-/// Chunks waiting for the decode thread. Small on purpose: a slow decoder slows its own
-/// port's reads (the kernel buffers, then the sensor waits), it never grows memory.
-const CHUNKS_IN_FLIGHT: usize = 8;
 /// At shutdown, what the port still holds is read until it has nothing for this long...
 const LEFTOVER_QUIET: Duration = Duration::from_millis(10);
 /// ...or for this long in all, or this many bytes: a sensor that keeps talking cannot hold
 /// the shutdown up. A pseudo-terminal holds 18 KiB, a UART's tty buffers a few tens of KiB.
 const LEFTOVER_TIME: Duration = Duration::from_millis(250);
 const LEFTOVER_MAX: usize = 64 * 1024;
+/// Chunks waiting for a decode thread. Small on purpose: a slow decoder slows its own port's
+/// reads (the kernel buffers, then the sensor waits), it never grows memory.
+const CHUNKS_IN_FLIGHT: usize = 8;
 /// Waiting this long for the decode thread at shutdown, the session says so (once).
 const DECODER_LATE: Duration = Duration::from_millis(500);
 
@@ -75,7 +75,9 @@ pub async fn run(
     }
 }
 
-/// A stream session: reads the port, its decode thread feeds the stream input.
+/// A stream session: reads the port and decodes what it read, in this task, on the input
+/// thread the supervisor runs on (see [`InputPool`](super::InputPool)); a device whose
+/// decoder proved slow decodes on a thread of its own instead.
 async fn run_stream(
     mut port: SerialPort,
     stream: &StreamConfig,
@@ -84,30 +86,15 @@ async fn run_stream(
     mut up_on_data: bool,
 ) -> SessionEnd {
     let dev = &ctx.dev;
-    let (tx, rx) = mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
-    let (panic_tx, mut panic_rx) = oneshot::channel();
-    let worker = Worker {
-        dev: Arc::clone(dev),
-        stream: stream.clone(),
-        queue: Arc::clone(&ctx.queue),
-        decoders: Arc::clone(&ctx.decoders),
-        panicked: Some(panic_tx),
+    let input = dev.stream_input(stream, &ctx.queue, &ctx.decoders);
+    let mut decoding = if dev.decodes_alone.load(Relaxed) {
+        match DecodeThread::start(dev.name(), input) {
+            Ok(t) => Decoding::Alone(t),
+            Err(e) => return SessionEnd::Io(e),
+        }
+    } else {
+        Decoding::Inline(input)
     };
-    // Dropped when the thread ends, however it ends: lets the session wait for it without
-    // holding a blocking-pool thread (the runtime's drop would wait for that one forever if
-    // the decoder hangs).
-    let (ended_tx, mut ended) = oneshot::channel::<()>();
-    // A dedicated thread rather than spawn_blocking: it lives as long as the session, keeps
-    // the device's frames in order, and cannot starve the blocking pool others rely on.
-    let thread = std::thread::Builder::new().name(format!("decode-{}", dev.name())).spawn(move || {
-        let _ended = ended_tx;
-        worker.run(rx);
-    });
-    let handle = match thread {
-        Ok(h) => h,
-        Err(e) => return SessionEnd::Io(e),
-    };
-
     let idle = dev.config.idle_timeout;
     let mut idle_deadline = Instant::now() + idle;
     let mut tick = liveness::ticker();
@@ -121,7 +108,7 @@ async fn run_stream(
         let step = tokio::select! {
             biased;
             _ = dev_cancel.cancelled() => break SessionEnd::Cancelled,
-            msg = &mut panic_rx => break SessionEnd::DecoderPanic(msg.unwrap_or_else(|_| "decode thread ended".into())),
+            msg = decoding.panicked() => break SessionEnd::DecoderPanic(msg),
             _ = dev.restart.notified() => break SessionEnd::Requested,
             r = liveness::beating(&ctx.beat, &mut tick, tokio::time::timeout_at(idle_deadline, read_or_query(&mut port, &mut buf, &mut query))) => r,
         };
@@ -140,46 +127,167 @@ async fn run_stream(
                 if std::mem::take(&mut up_on_data) {
                     dev.set_state(&ctx.queue, State::Up, None);
                 }
-                // Bytes already read are decoded even if shutdown starts now: not racing
-                // cancellation here keeps them from being lost unaccounted. No beat while
-                // waiting: a decode thread that stops taking bytes is a stuck pipeline, and the
-                // watchdog is meant to see it.
-                if tx.send((buf.split().freeze(), now_us())).await.is_err() {
-                    break SessionEnd::DecoderPanic("decode thread ended".into());
+                // Decoded (or handed over) before anything else is looked at: bytes already
+                // read are never lost unaccounted, even if shutdown starts now. No beat
+                // meanwhile: a decoder stuck on a frame is a stuck pipeline, and the watchdog is
+                // meant to see it.
+                match decoding.feed(&mut buf).await {
+                    Fed::Done => {}
+                    Fed::Slow(took) => {
+                        if let Err(e) = decoding.move_to_own_thread(dev, took) {
+                            break SessionEnd::Io(e);
+                        }
+                    }
+                    Fed::Panicked(msg) => break SessionEnd::DecoderPanic(msg),
                 }
             }
         }
     };
     if matches!(end, SessionEnd::Cancelled) {
-        read_leftover(&mut port, &mut buf, &tx, dev).await;
+        read_leftover(&mut port, &mut buf, &mut decoding, dev).await;
     }
     drop(port);
-    drop(tx);
-    // The thread drains what it was given, then ends; its panic (outside a frame) shows here.
-    if tokio::time::timeout(DECODER_LATE, &mut ended).await.is_err() {
-        tracing::warn!(
-            device = dev.name(),
-            waited_ms = DECODER_LATE.as_millis() as u64,
-            "Decode thread still busy with this session's bytes (a decoder stuck on a frame?); waiting."
-        );
-        let _ = ended.await;
-    }
-    // It has ended (or is ending): the join cannot block for long.
-    let joined = tokio::task::spawn_blocking(move || handle.join()).await;
-    if matches!(end, SessionEnd::Cancelled) {
-        return end;
-    }
-    match joined {
-        Ok(Ok(())) => {}
-        Ok(Err(panic)) => end = SessionEnd::DecoderPanic(panic_message(&*panic)),
-        Err(e) => end = SessionEnd::DecoderPanic(e.to_string()),
-    }
-    if let Ok(msg) = panic_rx.try_recv() {
-        if !matches!(end, SessionEnd::DecoderPanic(_)) {
+    if let Some(msg) = decoding.finish(dev).await {
+        if !matches!(end, SessionEnd::Cancelled | SessionEnd::DecoderPanic(_)) {
             end = SessionEnd::DecoderPanic(msg);
         }
     }
     end
+}
+
+/// A decoder that takes longer than this over one read is moved to a thread of its own: the
+/// devices sharing its input thread wait for it once, not at every read. Ours take
+/// microseconds (a read holds at most a few KiB); only a pathological one comes near.
+pub const SLOW_DECODE: Duration = Duration::from_millis(20);
+
+/// Where a session's bytes are decoded.
+enum Decoding {
+    /// In the session's task, on its input thread: no hand-over, no extra wake-up.
+    Inline(StreamInput),
+    /// On the device's own decode thread (its decoder proved slow).
+    Alone(DecodeThread),
+    /// Only while moving from one to the other.
+    Moving,
+}
+
+/// What feeding one read to the decoder did.
+enum Fed {
+    Done,
+    /// Decoded inline, and it took this long (over [`SLOW_DECODE`]).
+    Slow(Duration),
+    /// The decoder panicked (inline; the thread's panic arrives through `panicked`).
+    Panicked(String),
+}
+
+impl Decoding {
+    /// Decodes what `buf` holds, or hands it to the decode thread; leaves `buf` empty.
+    async fn feed(&mut self, buf: &mut BytesMut) -> Fed {
+        let at = now_us();
+        match self {
+            Decoding::Inline(input) => {
+                let began = std::time::Instant::now();
+                input.push(buf, at, |_| {});
+                buf.clear();
+                if let Some(msg) = input.take_panic() {
+                    return Fed::Panicked(msg);
+                }
+                let took = began.elapsed();
+                if took > SLOW_DECODE {
+                    return Fed::Slow(took);
+                }
+                Fed::Done
+            }
+            Decoding::Alone(t) => match t.tx.send((buf.split().freeze(), at)).await {
+                Ok(()) => Fed::Done,
+                Err(_) => Fed::Panicked("decode thread ended".into()),
+            },
+            Decoding::Moving => unreachable!("a session never feeds while moving its decoder"),
+        }
+    }
+
+    /// Resolves with the decode thread's first panic; never for inline decoding (its panics
+    /// come back from `feed`).
+    async fn panicked(&mut self) -> String {
+        match self {
+            Decoding::Alone(t) => (&mut t.panicked).await.unwrap_or_else(|_| "decode thread ended".into()),
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Moves inline decoding (and the frame it has begun) to a new thread of the device's
+    /// own, for this session and the device's next ones.
+    fn move_to_own_thread(&mut self, dev: &DeviceRuntime, took: Duration) -> io::Result<()> {
+        let Decoding::Inline(input) = std::mem::replace(self, Decoding::Moving) else {
+            return Ok(());
+        };
+        tracing::warn!(
+            device = dev.name(),
+            took_ms = took.as_millis() as u64,
+            limit_ms = SLOW_DECODE.as_millis() as u64,
+            "Decoding one read took too long; this device now decodes on a thread of its own, so that it delays no other device."
+        );
+        dev.decodes_alone.store(true, Relaxed);
+        *self = Decoding::Alone(DecodeThread::start(dev.name(), input)?);
+        Ok(())
+    }
+
+    /// The session is over: inline, a begun frame is counted as truncated; the decode thread
+    /// drains what it was given and ends. Returns the thread's panic outside a frame, if any.
+    async fn finish(self, dev: &DeviceRuntime) -> Option<String> {
+        match self {
+            Decoding::Inline(input) => {
+                input.end();
+                None
+            }
+            Decoding::Alone(t) => t.finish(dev).await,
+            Decoding::Moving => None,
+        }
+    }
+}
+
+/// A decode thread and the session's ends of it.
+struct DecodeThread {
+    tx: mpsc::Sender<Chunk>,
+    panicked: oneshot::Receiver<String>,
+    /// Closed when the thread ends, however it ends: lets the session wait for it without
+    /// holding a blocking-pool thread.
+    ended: oneshot::Receiver<()>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl DecodeThread {
+    fn start(device: &str, input: StreamInput) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
+        let (panic_tx, panicked) = oneshot::channel();
+        let (ended_tx, ended) = oneshot::channel::<()>();
+        let worker = Worker { input, panicked: Some(panic_tx) };
+        let handle = std::thread::Builder::new().name(format!("decode-{device}")).spawn(move || {
+            let _ended = ended_tx;
+            worker.run(rx);
+        })?;
+        Ok(Self { tx, panicked, ended, handle })
+    }
+
+    async fn finish(self, dev: &DeviceRuntime) -> Option<String> {
+        let DecodeThread { tx, mut panicked, mut ended, handle } = self;
+        drop(tx);
+        // The thread drains what it was given, then ends; its panic (outside a frame) shows here.
+        if tokio::time::timeout(DECODER_LATE, &mut ended).await.is_err() {
+            tracing::warn!(
+                device = dev.name(),
+                waited_ms = DECODER_LATE.as_millis() as u64,
+                "Decode thread still busy with this session's bytes (a decoder stuck on a frame?); waiting."
+            );
+            let _ = ended.await;
+        }
+        // It has ended (or is ending): the join cannot block for long.
+        let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+        match joined {
+            Ok(Ok(())) => panicked.try_recv().ok(),
+            Ok(Err(panic)) => Some(panic_message(&*panic)),
+            Err(e) => Some(e.to_string()),
+        }
+    }
 }
 
 /// What one turn of a stream session's port brought.
@@ -210,13 +318,12 @@ fn read_or_query<'a>(
 }
 
 /// At shutdown: what the port already holds — bytes the sensor sent before the signal, still
-/// in the kernel's buffer — is read and handed to the decode thread, so it is decoded and
-/// delivered like everything read before. Reads until the port is quiet for
-/// [`LEFTOVER_QUIET`] (a port's readiness reaches the task within one reactor turn, so bytes
-/// already buffered are never missed), at most [`LEFTOVER_MAX`] bytes, and waits at most
-/// [`LEFTOVER_TIME`] on the port in all (time spent handing bytes to a slow decoder does not
-/// count: the shutdown deadline bounds that).
-async fn read_leftover(port: &mut SerialPort, buf: &mut BytesMut, tx: &mpsc::Sender<Chunk>, dev: &DeviceRuntime) {
+/// in the kernel's buffer — is read and decoded, so it is delivered like everything read
+/// before. Reads until the port is quiet for [`LEFTOVER_QUIET`] (a port's readiness reaches
+/// the task within one reactor turn, so bytes already buffered are never missed), at most
+/// [`LEFTOVER_MAX`] bytes, and waits at most [`LEFTOVER_TIME`] on the port in all (time spent
+/// decoding does not count: the shutdown deadline bounds that).
+async fn read_leftover(port: &mut SerialPort, buf: &mut BytesMut, decoding: &mut Decoding, dev: &DeviceRuntime) {
     let mut budget = LEFTOVER_TIME;
     let mut total = 0;
     while total < LEFTOVER_MAX && !budget.is_zero() {
@@ -228,7 +335,7 @@ async fn read_leftover(port: &mut SerialPort, buf: &mut BytesMut, tx: &mpsc::Sen
             Ok(Ok(n)) if n > 0 => {
                 total += n;
                 dev.counters.bytes_in.fetch_add(n as u64, Relaxed);
-                if tx.send((buf.split().freeze(), now_us())).await.is_err() {
+                if let Fed::Panicked(_) = decoding.feed(buf).await {
                     break;
                 }
             }

@@ -31,7 +31,8 @@ pub struct SupervisorContext {
     pub beat: Beat,
 }
 
-/// Runs until `cancel`; returns once the session and its decode thread have finished.
+/// Runs until `cancel`; returns once the session (and its decode thread, if it has one) has
+/// finished.
 ///
 /// States: `opening` → `up` → (session ends) `backoff` → `opening` …; a port that cannot be
 /// opened is `failed` until the next attempt; a silent device is `stale` from the idle timeout

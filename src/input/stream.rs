@@ -1,5 +1,6 @@
 //! A stream input's sans-IO half: chunks of bytes in, frames cut, decoded and handed to the
-//! device's [`ReadingSink`]. The device session feeds it on the decode thread; the property
+//! device's [`ReadingSink`]. The device session feeds it (on its input thread, or a slow
+//! decoder's own thread); the property
 //! tests and fuzz targets feed it directly.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
