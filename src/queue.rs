@@ -21,6 +21,7 @@
 //! row).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -164,6 +165,9 @@ struct Inner {
 pub struct ReadingQueue {
     inner: Mutex<Inner>,
     notify: Notify,
+    /// Set when a push evicts, cleared when pops bring the queue well below its bound: the
+    /// inputs read in bigger bites meanwhile (see [`overloaded`](Self::overloaded)).
+    overloaded: AtomicBool,
 }
 
 /// What a push did, for the caller to log.
@@ -193,7 +197,7 @@ impl ReadingQueue {
             control_strikes: HashMap::new(),
             counters: QueueCounters::default(),
         };
-        Self { inner: Mutex::new(inner), notify: Notify::new() }
+        Self { inner: Mutex::new(inner), notify: Notify::new(), overloaded: AtomicBool::new(false) }
     }
 
     /// The lane of device `name`: its existing one (a device removed and added back by
@@ -256,6 +260,9 @@ impl ReadingQueue {
         lane.items.push_back(Entry { seq, payload, at: now, strikes: 0 });
         let evicted = q.enforce_bounds(device);
         drop(q);
+        if evicted > 0 && !self.overloaded.load(Relaxed) {
+            self.overloaded.store(true, Relaxed);
+        }
         self.notify.notify_one();
         PushOutcome { evicted }
     }
@@ -323,6 +330,10 @@ impl ReadingQueue {
             let payload = entry.payload.clone();
             let order = q.take_order();
             q.unassigned.push_back(InFlight { order, what: Sent::Reading { device, entry } });
+            if self.overloaded.load(Relaxed) && q.len < q.bounds.max_len / 8 * 7 && q.bytes < q.bounds.max_bytes / 8 * 7
+            {
+                self.overloaded.store(false, Relaxed);
+            }
             return Some(Outbound::Reading { device, payload });
         }
     }
@@ -482,6 +493,12 @@ impl ReadingQueue {
             self.notify.notify_one();
         }
         n
+    }
+
+    /// Readings are being evicted to make room: more arrive than the broker takes. Cheap (one
+    /// atomic load), for the inputs to check after every read.
+    pub fn overloaded(&self) -> bool {
+        self.overloaded.load(Relaxed)
     }
 
     /// Waits until something may have been queued since the last pop.
@@ -644,6 +661,21 @@ mod tests {
         assert_eq!((s.dropped_oldest, s.queued), (6, 4));
         let got: Vec<Bytes> = std::iter::from_fn(|| q.pop_next()).map(reading_of).collect();
         assert_eq!(got, (7..=10).map(|n| payload(0, n)).collect::<Vec<_>>());
+    }
+
+    /// Overloaded from the first eviction until pops bring the queue below 7/8 of its bound;
+    /// filling up to the bound without evicting is not overload.
+    #[test]
+    fn overloaded_from_an_eviction_until_well_below_the_bound() {
+        let q = ReadingQueue::new(1, 16, 1 << 20, None, 10);
+        (1..=16).for_each(|n| drop(q.push(0, payload(0, n))));
+        assert!(!q.overloaded());
+        assert_eq!(q.push(0, payload(0, 17)).evicted, 1);
+        assert!(q.overloaded());
+        (0..2).for_each(|_| drop(q.pop_next()));
+        assert!(q.overloaded(), "14 of 16 queued");
+        q.pop_next();
+        assert!(!q.overloaded(), "13 of 16 queued");
     }
 
     #[test]

@@ -31,6 +31,8 @@ const LEFTOVER_QUIET: Duration = Duration::from_millis(10);
 /// the shutdown up. A pseudo-terminal holds 18 KiB, a UART's tty buffers a few tens of KiB.
 const LEFTOVER_TIME: Duration = Duration::from_millis(250);
 const LEFTOVER_MAX: usize = 64 * 1024;
+/// Under overload, the pause after each read (see the session loop).
+const OVERLOAD_READ_PAUSE: Duration = Duration::from_millis(5);
 /// Chunks waiting for a decode thread. Small on purpose: a slow decoder slows its own port's
 /// reads (the kernel buffers, then the sensor waits), it never grows memory.
 const CHUNKS_IN_FLIGHT: usize = 8;
@@ -139,6 +141,13 @@ async fn run_stream(
                         }
                     }
                     Fed::Panicked(msg) => break SessionEnd::DecoderPanic(msg),
+                }
+                if ctx.queue.overloaded() {
+                    // The broker is behind and the queue is evicting: read in bigger bites.
+                    // The bytes wait in the port's buffer (a UART at 115200 baud brings ~23
+                    // bytes in 2 ms), one read takes many readings, and the CPU this saves
+                    // goes to delivering. What the queue keeps is still the newest.
+                    tokio::time::sleep(OVERLOAD_READ_PAUSE).await;
                 }
             }
         }
