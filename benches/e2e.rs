@@ -3,12 +3,13 @@
 //! (sensor stamp → subscriber), gateway CPU-seconds per 100k readings and peak RSS.
 //!
 //! `cargo bench --bench e2e` runs the default scenarios; `SG_BENCH=quick` runs a short set,
-//! `SG_BENCH=overload` only the 16-port as-fast-as-possible one (peak RSS under overload),
+//! `SG_BENCH=overload` only the 16-port as-fast-as-possible ones at QoS 0 and 1 (delivery and
+//! peak RSS under overload),
 //! `SG_BENCH=targets` the cost-per-reading targets (paced and burst 16 x 1000/s, overload at
 //! QoS 0 and 1, 16 x 80/s against 128 x 10/s),
 //! `SG_BENCH=scale` the scaling set: 16, 32, 64 and 128 paced JSON devices at QoS 0, once with
 //! the total rate held at 16 000 readings/s and once at 100 readings/s per device, gateway and
-//! floor each, one row per device count (does one decode thread per device scale?).
+//! floor each, one row per device count (do the input threads scale with the devices?).
 //! Figures depend on the machine: README lists the ones measured here.
 //!
 //! Each rated scenario runs twice: through the gateway and through the **floor**, a minimal
@@ -146,10 +147,10 @@ struct Outcome {
     /// Subject's and broker's share of a core over the run, %.
     subject_share: f64,
     broker_share: f64,
-    /// The subject's threads at the end of the load, and how many of them are decode threads.
+    /// The subject's threads at the end of the load, and how many of them read and decode.
     threads: usize,
     decode_threads: usize,
-    /// CPU-seconds of the decode threads over the run (part of `cpu`).
+    /// CPU-seconds of the reading and decoding threads over the run (part of `cpu`).
     decode_cpu: f64,
     /// RSS at the end of the load, MiB (the peak may come from the start-up).
     rss_end: f64,
@@ -175,8 +176,8 @@ impl Outcome {
     }
 }
 
-/// Threads of a process (`Threads:` in /proc/<pid>/status), and the ids of those named
-/// `decode-*`.
+/// Threads of a process (`Threads:` in /proc/<pid>/status), and the ids of those that read
+/// and decode (`input-*`, and `decode-*` for a decoder moved to its own thread).
 fn threads(pid: i32) -> (usize, Vec<i32>) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let count = status
@@ -189,7 +190,7 @@ fn threads(pid: i32) -> (usize, Vec<i32>) {
         .filter_map(|t| {
             let t = t.ok()?;
             let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-            comm.starts_with("decode-").then(|| t.file_name().to_str()?.parse().ok())?
+            (comm.starts_with("input-") || comm.starts_with("decode-")).then(|| t.file_name().to_str()?.parse().ok())?
         })
         .collect();
     (count, decode)
@@ -543,7 +544,7 @@ fn run_scale(rt: &tokio::runtime::Runtime) {
     let set = scale_scenarios();
     ensure_fd_limit(set.iter().map(|(gw, _)| gw.devices).max().unwrap_or(0));
     println!(
-        "| devices | rate/device | offered/s | delivered/s gw | floor | lost gw (counted dropped) | floor | CPU s/100k gw | floor | gw/floor | peak RSS MiB gw | floor | gw RSS at end | RSS KiB per added device gw | floor | gw threads (decode) | decode threads' share of gw CPU | switches/reading gw | floor | p99 ms gw | floor |"
+        "| devices | rate/device | offered/s | delivered/s gw | floor | lost gw (counted dropped) | floor | CPU s/100k gw | floor | gw/floor | peak RSS MiB gw | floor | gw RSS at end | RSS KiB per added device gw | floor | gw threads (input + decode) | their share of gw CPU | switches/reading gw | floor | p99 ms gw | floor |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut base: Option<(usize, f64, f64)> = None;
