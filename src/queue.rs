@@ -668,11 +668,14 @@ mod tests {
     #[test]
     fn overloaded_from_an_eviction_until_well_below_the_bound() {
         let q = ReadingQueue::new(1, 16, 1 << 20, None, 10);
-        (1..=16).for_each(|n| drop(q.push(0, payload(0, n))));
+        for n in 1..=16 {
+            q.push(0, payload(0, n));
+        }
         assert!(!q.overloaded());
         assert_eq!(q.push(0, payload(0, 17)).evicted, 1);
         assert!(q.overloaded());
-        (0..2).for_each(|_| drop(q.pop_next()));
+        q.pop_next();
+        q.pop_next();
         assert!(q.overloaded(), "14 of 16 queued");
         q.pop_next();
         assert!(!q.overloaded(), "13 of 16 queued");

@@ -6,10 +6,13 @@
 //! uses to run the ARM binary, and some old kernels do not implement them: opening fails with
 //! ENOSYS. [`SerialOpener`](super::SerialOpener) then comes here, which can only set the
 //! standard rates but needs nothing newer than POSIX.
+//!
+//! Either way the port is read and written here ([`TermiosPort`]): a port serialport opened is
+//! adopted with [`adopt`].
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +35,7 @@ pub(super) fn is_enosys(e: &tokio_serial::Error) -> bool {
     e.kind == tokio_serial::ErrorKind::Unknown && e.description == ENOSYS_TEXT
 }
 
-/// A port opened here: non-blocking descriptor, read on the tokio reactor's readiness.
+/// A port read and written here: non-blocking descriptor, on the tokio reactor's readiness.
 pub(super) struct TermiosPort {
     fd: AsyncFd<Exclusive>,
 }
@@ -61,6 +64,26 @@ pub(super) fn open(dev: &PortConfig) -> io::Result<TermiosPort> {
     configure(port.0.as_raw_fd(), dev, speed)?;
     // SAFETY: `Exclusive` owns the descriptor and always returns that same one, as register
     // requires.
+    let fd = unsafe { AsyncFd::register_with_interest(port, Interest::READABLE | Interest::WRITABLE) }?;
+    Ok(TermiosPort { fd })
+}
+
+/// Takes over a port serialport opened and configured (it holds the exclusive `flock` and
+/// `TIOCEXCL`, as [`open`] does): made non-blocking again (serialport clears `O_NONBLOCK`) and
+/// registered with the reactor. Call it inside the runtime.
+///
+/// # Errors
+/// `fcntl` or the registration failed; the port is closed.
+pub(super) fn adopt(port: impl IntoRawFd) -> io::Result<TermiosPort> {
+    // SAFETY: into_raw_fd hands over the descriptor: nothing else owns or closes it now.
+    let port = Exclusive(unsafe { OwnedFd::from_raw_fd(port.into_raw_fd()) });
+    let fd = port.0.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as in `open`.
     let fd = unsafe { AsyncFd::register_with_interest(port, Interest::READABLE | Interest::WRITABLE) }?;
     Ok(TermiosPort { fd })
 }
@@ -226,7 +249,9 @@ impl AsyncRead for TermiosPort {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             // try_io clears the readiness when read(2) says EAGAIN (WouldBlock), so the next
-            // poll waits for the reactor instead of spinning.
+            // poll waits for the reactor instead of spinning. A short read clears it too, as
+            // tokio's TcpStream does: the kernel had no more, so the read that would say EAGAIN
+            // is saved (bytes arriving meanwhile are a new event, which clearing keeps).
             let read = guard.try_io(|fd| {
                 // SAFETY: read(2) writes at most `len` bytes into the unfilled part and never
                 // de-initialises it; only the `n` bytes it wrote are marked initialised below.
@@ -240,8 +265,12 @@ impl AsyncRead for TermiosPort {
                     Ok(n as usize)
                 }
             });
+            let room = buf.remaining();
             match read {
                 Ok(Ok(n)) => {
+                    if n > 0 && n < room {
+                        guard.clear_ready();
+                    }
                     // SAFETY: read(2) initialised these `n` bytes.
                     unsafe { buf.assume_init(n) };
                     buf.advance(n);
