@@ -97,3 +97,40 @@ fn start_thread(i: usize) -> io::Result<InputThread> {
     })?;
     Ok(InputThread { handle, load: Arc::new(AtomicUsize::new(0)), _stop: stop_tx })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each new task goes to the least loaded thread; a task that ends (or panics) frees its
+    /// place; tasks run on the input threads, named `input-<n>`; the handle carries a panic.
+    #[tokio::test]
+    async fn spreads_tasks_over_the_least_loaded_thread_and_frees_their_place() {
+        let pool = InputPool::new(2).unwrap();
+        let loads = || pool.threads.iter().map(|t| t.load.load(Relaxed)).collect::<Vec<_>>();
+        let (release, wait) = tokio::sync::watch::channel(false);
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut wait = wait.clone();
+            held.push(pool.spawn(async move {
+                let _ = wait.wait_for(|go| *go).await;
+            }));
+        }
+        assert_eq!(loads(), [2, 1]);
+        let (tx, rx) = oneshot::channel();
+        pool.spawn(async move {
+            let _ = tx.send(std::thread::current().name().map(str::to_string));
+        })
+        .await
+        .unwrap();
+        assert_eq!(rx.await.unwrap().as_deref(), Some("input-1"), "the least loaded thread");
+        let panicked = pool.spawn(async { panic!("boom") }).await;
+        assert!(panicked.unwrap_err().is_panic());
+        assert_eq!(loads(), [2, 1], "ended and panicked tasks gave their place back");
+        release.send(true).unwrap();
+        for h in held {
+            h.await.unwrap();
+        }
+        assert_eq!(loads(), [0, 0]);
+    }
+}
