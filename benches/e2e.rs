@@ -59,8 +59,12 @@ const FLOOR_ENV: &str = "SG_BENCH_FLOOR";
 const JSON: SimSpec = SimSpec { framing: Framing::Lines, format: Format::Json };
 const COBS: SimSpec = SimSpec { framing: Framing::Cobs, format: Format::Postcard };
 
+/// The set `SG_BENCH` names (empty: the default set).
+fn bench_set() -> String {
+    std::env::var("SG_BENCH").unwrap_or_default()
+}
+
 fn scenarios() -> Vec<Scenario> {
-    let quick = std::env::var("SG_BENCH").is_ok_and(|v| v == "quick");
     let s = |devices, spec, qos, rate, count| Scenario { devices, spec, qos, rate, count, paced: false, floor: false };
     // The gateway, then the floor under the same load (QoS 0 JSON lines only: the floor
     // forwards lines unchanged and never waits for an ack).
@@ -69,19 +73,18 @@ fn scenarios() -> Vec<Scenario> {
         std::iter::once(sc).chain(floor.then_some(Scenario { floor: true, ..sc }))
     };
     let paced = |sc: Scenario| Scenario { paced: true, ..sc };
-    let list = if quick {
-        vec![s(4, JSON, 1, 0, 20_000), s(16, JSON, 0, 1000, 5_000), paced(s(16, JSON, 0, 1000, 5_000))]
-    } else if std::env::var("SG_BENCH").is_ok_and(|v| v == "overload") {
-        vec![s(16, JSON, 0, 0, 10_000_000), s(16, JSON, 1, 0, 10_000_000)]
-    } else if std::env::var("SG_BENCH").is_ok_and(|v| v == "profile") {
-        // One long paced run of the gateway alone (or the floor, SG_BENCH_SUBJECT=floor), to
-        // attach a profiler to.
-        let sc = paced(s(16, JSON, 0, 1000, 30_000));
-        return vec![Scenario { floor: std::env::var("SG_BENCH_SUBJECT").is_ok_and(|v| v == "floor"), ..sc }];
-    } else if std::env::var("SG_BENCH").is_ok_and(|v| v == "targets") {
+    let list = match bench_set().as_str() {
+        "quick" => vec![s(4, JSON, 1, 0, 20_000), s(16, JSON, 0, 1000, 5_000), paced(s(16, JSON, 0, 1000, 5_000))],
+        "overload" => vec![s(16, JSON, 0, 0, 10_000_000), s(16, JSON, 1, 0, 10_000_000)],
+        "profile" => {
+            // One long paced run of the gateway alone (or the floor, SG_BENCH_SUBJECT=floor),
+            // to attach a profiler to.
+            let sc = paced(s(16, JSON, 0, 1000, 30_000));
+            return vec![Scenario { floor: std::env::var("SG_BENCH_SUBJECT").is_ok_and(|v| v == "floor"), ..sc }];
+        }
         // The cost-per-reading targets: paced and burst at 16 x 1000/s, overload at QoS 0 and
         // 1, and many slow sensors against few faster ones at the same total rate.
-        vec![
+        "targets" => vec![
             paced(s(16, JSON, 0, 1000, 10_000)),
             s(16, JSON, 0, 1000, 10_000),
             paced(s(16, JSON, 1, 1000, 10_000)),
@@ -89,9 +92,8 @@ fn scenarios() -> Vec<Scenario> {
             s(16, JSON, 1, 0, 10_000_000),
             paced(s(16, JSON, 0, 80, 800)),
             paced(s(128, JSON, 0, 10, 100)),
-        ]
-    } else {
-        vec![
+        ],
+        _ => vec![
             s(1, JSON, 0, 0, 200_000),
             s(4, JSON, 0, 0, 50_000),
             s(4, JSON, 1, 0, 50_000),
@@ -102,7 +104,7 @@ fn scenarios() -> Vec<Scenario> {
             s(16, JSON, 1, 1000, 10_000),
             paced(s(16, JSON, 1, 1000, 10_000)),
             s(16, COBS, 0, 1000, 10_000),
-        ]
+        ],
     };
     list.into_iter().flat_map(with_floor).collect()
 }
@@ -599,7 +601,7 @@ fn main() {
     }
     // `cargo bench` passes --bench; a filter argument is accepted and ignored.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    if std::env::var("SG_BENCH").is_ok_and(|v| v == "scale") {
+    if bench_set() == "scale" {
         run_scale(&rt);
         return;
     }

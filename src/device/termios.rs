@@ -248,6 +248,8 @@ impl AsyncRead for TermiosPort {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            // What this read may fill: less than that is a short read.
+            let room = buf.remaining();
             // try_io clears the readiness when read(2) says EAGAIN (WouldBlock), so the next
             // poll waits for the reactor instead of spinning. A short read clears it too, as
             // tokio's TcpStream does: the kernel had no more, so the read that would say EAGAIN
@@ -265,7 +267,6 @@ impl AsyncRead for TermiosPort {
                     Ok(n as usize)
                 }
             });
-            let room = buf.remaining();
             match read {
                 Ok(Ok(n)) => {
                     if n > 0 && n < room {
