@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::commands::{self, CommandContext};
-use crate::config::{BusConfig, Config, DeviceConfig};
+use crate::config::{BusConfig, Config, DeviceConfig, ReplayTopic};
 use crate::device::{
     self, BusContext, DecoderFactory, DeviceRuntime, InputPool, PortOpener, Registry, SerialOpener, State,
     SupervisorContext,
@@ -27,6 +27,7 @@ use crate::metrics::{self, MqttMetrics};
 use crate::mqtt::{self, MqttShared};
 use crate::queue::{Control, LaneStats, ReadingQueue};
 use crate::reading::PacketLimit;
+use crate::spool::{self, Spool};
 use crate::telemetry;
 use crate::topics::Topics;
 
@@ -79,6 +80,8 @@ pub enum AppError {
     CriticalTaskDied(&'static str, String),
     #[error("cannot start the input threads: {0}")]
     InputThreads(std::io::Error),
+    #[error("cannot start the spool: {0}")]
+    Spool(std::io::Error),
 }
 
 /// Runs the gateway until `shutdown` completes, then shuts down within
@@ -120,6 +123,7 @@ pub async fn run_reloadable(
         Arc::clone(&core.registry),
         current_rx,
         core.draining.clone(),
+        core.spool.as_ref().map(|(s, _)| Arc::clone(s)),
     ));
     tracing::info!(devices = devices.len(), gateway = %config.gateway.id, "Gateway running.");
     // Config is valid and every task is running.
@@ -147,6 +151,9 @@ pub async fn run_reloadable(
     Ok(report)
 }
 
+/// The spool, and its thread until shutdown takes it.
+type SpoolAndThread = (Arc<Spool>, std::sync::Mutex<Option<std::thread::JoinHandle<()>>>);
+
 /// What lives as long as the process, across reloads.
 struct Core {
     started: Instant,
@@ -167,6 +174,8 @@ struct Core {
     draining: CancellationToken,
     /// The threads the stream devices' supervisors run on (read, decode); stopped last.
     inputs: Arc<InputPool>,
+    /// The spool and its thread, when `[spool] dir` is set.
+    spool: Option<SpoolAndThread>,
 }
 
 /// What owns a port and is supervised on its own: a listening device, or a Modbus bus with
@@ -245,6 +254,21 @@ impl Core {
         ));
         let topics = Topics::new(config);
         let discovery = config.homeassistant.enabled.then(|| Discovery::new(config, &topics));
+        let spool = match config.spool.path(&config.gateway) {
+            Some(dir) => {
+                let settings = spool::Settings {
+                    dir,
+                    max_bytes: config.spool.max_bytes,
+                    sync_interval: config.spool.sync_interval,
+                    one_stream: config.spool.replay_topic == ReplayTopic::Readings,
+                    devices: units(config).len(),
+                };
+                let spool = Spool::new(settings, Arc::clone(&queue));
+                let thread = spool.start().map_err(AppError::Spool)?;
+                Some((spool, std::sync::Mutex::new(Some(thread))))
+            }
+            None => None,
+        };
         Ok(Self {
             started: Instant::now(),
             config: Arc::new(RwLock::new(config.clone())),
@@ -259,6 +283,7 @@ impl Core {
             devices_stop: CancellationToken::new(),
             draining: CancellationToken::new(),
             inputs,
+            spool,
         })
     }
 
@@ -410,10 +435,11 @@ impl Core {
             filters.push(self.topics.cmd_filter());
         }
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING);
-        let shared = Arc::new(
-            MqttShared::new(Arc::clone(&self.queue), self.topics.clone(), qos, on_connect, on_drained)
-                .with_subscriptions(filters, incoming_tx),
-        );
+        let mut shared = MqttShared::new(Arc::clone(&self.queue), self.topics.clone(), qos, on_connect, on_drained)
+            .with_subscriptions(filters, incoming_tx);
+        shared.replay_on_readings = config.spool.replay_topic == ReplayTopic::Readings;
+        shared.catch_up_rate = config.mqtt.catch_up_rate;
+        let shared = Arc::new(shared);
         let _ = final_metrics.set(self.metrics_fn(&shared));
 
         let hard_stop = CancellationToken::new();
@@ -458,10 +484,12 @@ impl Core {
         let (config, registry, shared, started) =
             (Arc::clone(&self.config), Arc::clone(&self.registry), Arc::downgrade(shared), self.started);
         let command_stats = Arc::clone(&self.command_stats);
+        let spool = self.spool.as_ref().map(|(s, _)| Arc::clone(s));
         Box::new(move || {
             let shared = shared.upgrade().expect("metrics are made while their MQTT side lives");
             let config = config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            metrics_message(&config, &registry.snapshot(), &shared, started, &command_stats)
+            let spool = spool.as_ref().map(|s| metrics::SpoolMetrics::from_stats(&s.stats));
+            metrics_message(&config, &registry.snapshot(), &shared, started, &command_stats, spool)
         })
     }
 
@@ -479,6 +507,11 @@ impl Core {
         // Before devices restart or the connection is switched: a reading built from now on
         // meets the new limit.
         self.packet_limit.set(next.mqtt.max_packet_size as usize);
+        if next.spool != old.spool || next.gateway.state_dir != old.gateway.state_dir {
+            tracing::warn!(
+                "The [spool] settings and gateway.state_dir apply at the next restart; keeping the running ones."
+            );
+        }
         if next.queue != old.queue {
             let evicted =
                 self.queue.set_bounds(next.queue.max_readings.get(), next.queue.max_bytes as usize, next.queue.max_age);
@@ -628,9 +661,15 @@ impl Core {
         }
 
         tracing::info!(queued = self.queue.depth().0, "Shutting down: draining the queue.");
+        if let Some((spool, _)) = &self.spool {
+            // What is in the spool stays there for the next start; the drain is for memory.
+            spool.stop_replay();
+        }
         self.draining.cancel();
         let (queue, shared) = (Arc::clone(&self.queue), Arc::clone(&side.shared));
-        let drained = wait_with_progress(&mut side.conn, deadline, || {
+        // With a spool and no broker, waiting is pointless: the queue goes to disk.
+        let drain_until = if self.spool.is_some() && !shared.is_connected() { Instant::now() } else { deadline };
+        let drained = wait_with_progress(&mut side.conn, drain_until, || {
             format!(
                 "MQTT connection still draining: {} readings queued, broker connected: {}",
                 queue.depth().0,
@@ -646,6 +685,13 @@ impl Core {
         telemetry::shutdown_stage("the metrics and command tasks");
         for h in side.helpers {
             let _ = h.await;
+        }
+        if let Some((spool, thread)) = &self.spool {
+            telemetry::shutdown_stage("writing what is left to the spool");
+            self.queue.requeue_in_flight();
+            if let Some(t) = thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+                spool.finish(t);
+            }
         }
         telemetry::shutdown_stage("the final accounting");
         self.report()
@@ -676,6 +722,8 @@ impl Core {
                 dropped_oldest = s.dropped_oldest,
                 expired = s.expired,
                 poisoned = s.poisoned,
+                spooled = s.spooled,
+                restored = s.restored,
                 lost,
                 "Final accounting."
             );
@@ -781,6 +829,7 @@ fn metrics_message(
     shared: &MqttShared,
     started: Instant,
     commands: &commands::Stats,
+    spool: Option<metrics::SpoolMetrics>,
 ) -> Control {
     let m = metrics::snapshot(
         started.elapsed().as_secs(),
@@ -801,6 +850,7 @@ fn metrics_message(
             puback_refused: shared.puback_refusals(),
         },
         commands.snapshot(),
+        spool,
     );
     let payload = serde_json::to_vec(&m).expect("metrics serialise");
     Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false, correlation: None }
@@ -825,6 +875,7 @@ async fn notify_loop(
     registry: Arc<Registry>,
     current: watch::Receiver<Arc<MqttShared>>,
     draining: CancellationToken,
+    spool: Option<Arc<Spool>>,
 ) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
@@ -854,6 +905,12 @@ async fn notify_loop(
         let mut status = format!("{up}/{} devices up, {queued} readings queued, broker {broker}", devices.len());
         if let (false, Some(e)) = (shared.is_connected(), shared.last_error()) {
             status += &format!(" ({e})");
+        }
+        if let Some(spool) = &spool {
+            match spool.stats.error() {
+                Some(e) => status += &format!("; SPOOL FAILING, memory only ({e})"),
+                None => status += &format!(", {} readings spooled", spool.stats.readings.load(Relaxed)),
+            }
         }
         let stale = live.stale(limit);
         if stale.is_empty() {

@@ -52,5 +52,6 @@ pub mod queue;
 pub mod reading;
 pub mod reject;
 pub mod simulate;
+pub mod spool;
 pub mod telemetry;
 pub mod topics;

@@ -114,6 +114,7 @@ fn parse_format(name: &str) -> Result<Format, String> {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    ignore_file_size_signal();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
@@ -184,6 +185,16 @@ fn limit_malloc_arenas() {
     // SAFETY: called first thing in main, before any other thread exists; integer arguments.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// A write past the file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) kills the process
+/// with SIGXFSZ by default; ignored, it fails with EFBIG, which the spool handles like a full disk.
+fn ignore_file_size_signal() {
+    // SAFETY: called first thing in main, before any other thread exists; SIG_IGN is a valid
+    // disposition for SIGXFSZ.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

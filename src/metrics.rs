@@ -17,7 +17,40 @@ pub struct Metrics<'a> {
     pub queue: QueueMetrics,
     pub mqtt: MqttMetrics,
     pub commands: CommandMetrics,
+    /// Present when `[spool] dir` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool: Option<SpoolMetrics>,
     pub devices: BTreeMap<&'a str, DeviceMetrics>,
+}
+
+/// The store-and-forward spool.
+#[derive(Debug, Serialize)]
+pub struct SpoolMetrics {
+    /// Bytes on disk now, and readings in the spool (on disk, being written, loaded to replay).
+    pub bytes: u64,
+    pub readings: u64,
+    /// Damaged records, torn tails and stray files skipped.
+    pub corrupt: u64,
+    /// Failed writes, syncs or deletions (the spool then pauses, memory only, and retries).
+    pub write_errors: u64,
+    pub fsyncs: u64,
+    pub bytes_written: u64,
+    /// Why the spool is not writing now; absent while it works.
+    pub error: Option<String>,
+}
+
+impl SpoolMetrics {
+    pub fn from_stats(s: &crate::spool::SpoolStats) -> Self {
+        Self {
+            bytes: s.bytes.load(Relaxed),
+            readings: s.readings.load(Relaxed),
+            corrupt: s.corrupt.load(Relaxed),
+            write_errors: s.write_errors.load(Relaxed),
+            fsyncs: s.fsyncs.load(Relaxed),
+            bytes_written: s.bytes_written.load(Relaxed),
+            error: s.error(),
+        }
+    }
 }
 
 /// Commands over MQTT (all zero while they are off).
@@ -102,8 +135,8 @@ impl ProcessMetrics {
     }
 }
 
-/// Per device. `readings = delivered + dropped_oldest + expired + poisoned + queued + in_flight` and
-/// `frames_in = readings + rejected.total` hold in every snapshot.
+/// Per device. `readings + restored = delivered + dropped_oldest + expired + poisoned + queued +
+/// in_flight + spooled` and `frames_in = readings + rejected.total` hold in every snapshot.
 #[derive(Debug, Serialize)]
 pub struct DeviceMetrics {
     pub state: State,
@@ -119,6 +152,10 @@ pub struct DeviceMetrics {
     pub poisoned: u64,
     pub queued: u64,
     pub in_flight: u64,
+    /// In the spool, not yet handed to the broker (0 without a spool).
+    pub spooled: u64,
+    /// Found in the spool at start: the previous run's `spooled`.
+    pub restored: u64,
     pub republished: u64,
     pub restarts: u64,
     /// Queries written to the port in full; only on devices configured with a `query`.
@@ -164,6 +201,7 @@ pub fn snapshot<'a>(
     config: &crate::config::QueueConfig,
     mqtt: MqttMetrics,
     commands: CommandMetrics,
+    spool: Option<SpoolMetrics>,
 ) -> Metrics<'a> {
     let now_us = crate::telemetry::now_us();
     let counters: Vec<_> = devices
@@ -179,6 +217,12 @@ pub fn snapshot<'a>(
         })
         .collect();
     let lanes = queue.stats();
+    let mut spool = spool;
+    if let Some(s) = spool.as_mut() {
+        // Exact, from the same snapshot as the devices' `spooled` (the spool's own figure is
+        // as of its last round).
+        s.readings = lanes.iter().map(|l| l.spooled).sum();
+    }
     let (depth, bytes) = queue.depth();
     let ledger = queue.counters();
     let devices = devices
@@ -201,6 +245,8 @@ pub fn snapshot<'a>(
                 poisoned: lane.poisoned,
                 queued: lane.queued,
                 in_flight: lane.in_flight,
+                spooled: lane.spooled,
+                restored: lane.restored,
                 republished: lane.republished,
                 restarts: c.restarts.load(Relaxed),
                 queries_sent: d.config.stream().and_then(|s| s.query()).map(|_| c.queries_sent.load(Relaxed)),
@@ -223,6 +269,7 @@ pub fn snapshot<'a>(
         },
         mqtt,
         commands,
+        spool,
         devices,
     }
 }

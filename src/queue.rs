@@ -29,9 +29,12 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+mod spill;
+pub use spill::{Signal, SpillEntry, SpoolRef, BACKLOG_LOADED};
+
 /// Per-device accounting kept by the queue. Together with the decoder's counters it makes
-/// `readings = delivered + dropped_oldest + expired + poisoned + queued + in_flight` hold at
-/// every moment.
+/// `readings + restored = delivered + dropped_oldest + expired + poisoned + queued + in_flight
+/// + spooled` hold at every moment.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct LaneStats {
     /// Readings ever pushed for this device.
@@ -44,14 +47,24 @@ pub struct LaneStats {
     pub expired: u64,
     /// Dropped after the broker closed the connection on them `limit` times (see the module docs).
     pub poisoned: u64,
-    /// Readings sent again after a connection loss (possible duplicates at the broker).
+    /// Readings sent again after a connection loss (possible duplicates at the broker), and
+    /// readings in the spool at start that were possibly sent before the restart.
     pub republished: u64,
+    /// Readings in the spool (on disk or being written), not yet handed to the broker.
+    pub spooled: u64,
+    /// Readings found in the spool at start (the previous run's `spooled`).
+    pub restored: u64,
 }
 
 /// Something the connection task should publish next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
-    Reading { device: usize, payload: Bytes },
+    /// `replayed`: from the spool (published on the backlog topic, unless configured otherwise).
+    Reading {
+        device: usize,
+        payload: Bytes,
+        replayed: bool,
+    },
     Control(Control),
 }
 
@@ -97,6 +110,8 @@ struct Entry {
     at: Instant,
     /// Connections the broker closed while this was its oldest unacknowledged publish.
     strikes: u32,
+    /// Where it is in the spool, for a reading replayed from there.
+    spool: Option<SpoolRef>,
 }
 
 /// Something handed to the MQTT client and not yet delivered.
@@ -124,6 +139,9 @@ struct Lane {
     /// their readings are delivered.
     name: Arc<str>,
     items: VecDeque<Entry>,
+    /// Readings loaded from the spool for replay, oldest first (outside the memory bounds:
+    /// the spool loads only as many as [`spill::BACKLOG_LOADED`]).
+    backlog: VecDeque<Entry>,
     stats: LaneStats,
 }
 
@@ -158,6 +176,8 @@ struct Inner {
     /// Strikes of control messages by topic (see [`Sent::Control`]).
     control_strikes: HashMap<String, u32>,
     counters: QueueCounters,
+    /// The spool's side, when one is configured.
+    spill: Option<spill::SpillState>,
 }
 
 /// Bounded, drop-oldest, fair across devices; see the module docs for the policy.
@@ -168,6 +188,10 @@ pub struct ReadingQueue {
     /// Set when a push evicts, cleared when pops bring the queue well below its bound: the
     /// inputs read in bigger bites meanwhile (see [`overloaded`](Self::overloaded)).
     overloaded: AtomicBool,
+    /// Readings ever pushed (the input rate is measured from it).
+    pushed: std::sync::atomic::AtomicU64,
+    /// Wakes the spool's thread (see [`spill`]).
+    spool_signal: std::sync::OnceLock<Arc<spill::Signal>>,
 }
 
 /// What a push did, for the caller to log.
@@ -196,8 +220,15 @@ impl ReadingQueue {
             next_order: 0,
             control_strikes: HashMap::new(),
             counters: QueueCounters::default(),
+            spill: None,
         };
-        Self { inner: Mutex::new(inner), notify: Notify::new(), overloaded: AtomicBool::new(false) }
+        Self {
+            inner: Mutex::new(inner),
+            notify: Notify::new(),
+            overloaded: AtomicBool::new(false),
+            pushed: std::sync::atomic::AtomicU64::new(0),
+            spool_signal: std::sync::OnceLock::new(),
+        }
     }
 
     /// The lane of device `name`: its existing one (a device removed and added back by
@@ -224,7 +255,7 @@ impl ReadingQueue {
         if q.lanes.is_empty() {
             0
         } else {
-            q.enforce_bounds(heaviest)
+            q.make_room(heaviest).0
         }
     }
 
@@ -247,6 +278,7 @@ impl ReadingQueue {
     /// Adds a reading. Synchronous and short: safe to call from decoder threads.
     pub fn push(&self, device: usize, payload: Bytes) -> PushOutcome {
         let now = Instant::now();
+        self.pushed.fetch_add(1, Relaxed);
         let mut q = self.lock();
         let seq = q.next_seq;
         q.next_seq += 1;
@@ -257,10 +289,13 @@ impl ReadingQueue {
         lane.stats.readings += 1;
         lane.stats.queued += 1;
         lane.stats.queued_bytes += size as u64;
-        lane.items.push_back(Entry { seq, payload, at: now, strikes: 0 });
-        let evicted = q.enforce_bounds(device);
+        lane.items.push_back(Entry { seq, payload, at: now, strikes: 0, spool: None });
+        let (evicted, spilled) = q.make_room(device);
         drop(q);
-        if evicted > 0 && !self.overloaded.load(Relaxed) {
+        if spilled > 0 {
+            self.wake_spool();
+        }
+        if evicted + spilled > 0 && !self.overloaded.load(Relaxed) {
             self.overloaded.store(true, Relaxed);
         }
         self.notify.notify_one();
@@ -308,25 +343,53 @@ impl ReadingQueue {
     }
 
     /// Takes the next thing to publish and records it as handed to the client: control
-    /// messages first, then the oldest reading of any device. Expired readings are counted
-    /// and skipped here.
+    /// messages first, then the oldest reading of any device, then readings replayed from the
+    /// spool (live data first). Expired readings are counted and skipped here.
     pub fn pop_next(&self) -> Option<Outbound> {
+        self.pop_next_paced(true)
+    }
+
+    /// As [`pop_next`](Self::pop_next); without `readings`, control messages only (the
+    /// connection paces readings during a catch-up).
+    pub fn pop_next_paced(&self, readings: bool) -> Option<Outbound> {
         let mut q = self.lock();
         if let Some(c) = q.control.pop_front() {
             let order = q.take_order();
             q.unassigned.push_back(InFlight { order, what: Sent::Control(c.clone()) });
             return Some(Outbound::Control(c));
         }
+        if !readings {
+            return None;
+        }
+        let ordered = q.spill.as_ref().is_some_and(|s| s.one_stream);
         loop {
-            let device = q.lanes.iter().enumerate().filter_map(|(i, l)| Some((l.items.front()?.seq, i))).min()?.1;
-            let entry = q.take_front(device).expect("lane has a front");
+            // One ordered stream per device: its live readings wait behind its spooled ones.
+            let live = q
+                .lanes
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !(ordered && l.stats.spooled > 0))
+                .filter_map(|(i, l)| Some((l.items.front()?.seq, i)))
+                .min();
+            let (device, entry, replayed) = match live {
+                Some((_, device)) => (device, q.take_front(device).expect("lane has a front"), false),
+                None => {
+                    let device =
+                        q.lanes.iter().enumerate().filter_map(|(i, l)| Some((l.backlog.front()?.seq, i))).min()?.1;
+                    let entry = q.take_backlog(device);
+                    if q.lanes[device].backlog.len() == BACKLOG_LOADED / 2 {
+                        self.wake_spool();
+                    }
+                    (device, entry, true)
+                }
+            };
             let max_age = q.bounds.max_age;
-            let lane = &mut q.lanes[device];
             if max_age.is_some_and(|age| entry.at.elapsed() > age) {
-                lane.stats.expired += 1;
+                q.lanes[device].stats.expired += 1;
+                q.resolved(device, &entry);
                 continue;
             }
-            lane.stats.in_flight += 1;
+            q.lanes[device].stats.in_flight += 1;
             let payload = entry.payload.clone();
             let order = q.take_order();
             q.unassigned.push_back(InFlight { order, what: Sent::Reading { device, entry } });
@@ -334,7 +397,7 @@ impl ReadingQueue {
             {
                 self.overloaded.store(false, Relaxed);
             }
-            return Some(Outbound::Reading { device, payload });
+            return Some(Outbound::Reading { device, payload, replayed });
         }
     }
 
@@ -475,18 +538,24 @@ impl ReadingQueue {
         let n = back.len() as u64;
         let last_device = back.last().map(|(d, _)| *d);
         for (device, entry) in back {
-            let size = entry.payload.len();
-            q.len += 1;
-            q.bytes += size;
             let lane = &mut q.lanes[device];
             lane.stats.in_flight -= 1;
             lane.stats.republished += 1;
+            if entry.spool.is_some() {
+                // Still in the spool: back to the front of the replay.
+                lane.stats.spooled += 1;
+                lane.backlog.push_front(entry);
+                continue;
+            }
+            let size = entry.payload.len();
             lane.stats.queued += 1;
             lane.stats.queued_bytes += size as u64;
             lane.items.push_front(entry);
+            q.len += 1;
+            q.bytes += size;
         }
         if let Some(d) = last_device {
-            q.enforce_bounds(d);
+            q.make_room(d);
         }
         drop(q);
         if n > 0 {
@@ -506,7 +575,7 @@ impl ReadingQueue {
         self.notify.notified().await;
     }
 
-    /// Nothing queued, nothing in flight.
+    /// Nothing queued, nothing in flight (the spool aside).
     pub fn is_idle(&self) -> bool {
         let q = self.lock();
         q.len == 0 && q.control.is_empty() && q.unassigned.is_empty() && q.in_flight_count() == 0
@@ -520,6 +589,11 @@ impl ReadingQueue {
     /// Ledger-level counters.
     pub fn counters(&self) -> QueueCounters {
         self.lock().counters
+    }
+
+    /// Readings pushed so far, all devices.
+    pub fn pushed(&self) -> u64 {
+        self.pushed.load(Relaxed)
     }
 
     /// Total readings and payload bytes queued (not counting in flight).
@@ -546,11 +620,12 @@ impl Inner {
         Some(entry)
     }
 
-    /// Evicts oldest readings until both bounds hold. Ties go to `pusher`, so a device
-    /// flooding alone evicts only itself.
-    fn enforce_bounds(&mut self, pusher: usize) -> u32 {
+    /// Makes both bounds hold, oldest readings first: into the spool's buffer while it takes
+    /// them, else dropped and counted. Ties go to `pusher`, so a device flooding alone loses
+    /// only its own. Returns (dropped, spilled).
+    fn make_room(&mut self, pusher: usize) -> (u32, u32) {
         let Bounds { max_len, max_bytes, .. } = self.bounds;
-        let mut evicted = 0;
+        let (mut evicted, mut spilled) = (0, 0);
         while self.len > max_len || self.bytes > max_bytes {
             let by_bytes = self.len <= max_len;
             let weight = |l: &Lane| if by_bytes { l.stats.queued_bytes } else { l.stats.queued };
@@ -560,13 +635,20 @@ impl Inner {
                     victim = i;
                 }
             }
-            if self.take_front(victim).is_none() {
-                break;
+            let Some(entry) = self.take_front(victim) else { break };
+            match self.spill.as_mut().filter(|s| s.accepts(entry.payload.len())) {
+                Some(s) => {
+                    s.put(victim, entry);
+                    self.lanes[victim].stats.spooled += 1;
+                    spilled += 1;
+                }
+                None => {
+                    self.lanes[victim].stats.dropped_oldest += 1;
+                    evicted += 1;
+                }
             }
-            self.lanes[victim].stats.dropped_oldest += 1;
-            evicted += 1;
         }
-        evicted
+        (evicted, spilled)
     }
 
     fn take_order(&mut self) -> u64 {
@@ -577,10 +659,11 @@ impl Inner {
     /// Delivered: its strikes go with it.
     fn poisoned(&mut self, item: InFlight) {
         match item.what {
-            Sent::Reading { device, .. } => {
+            Sent::Reading { device, entry } => {
                 let s = &mut self.lanes[device].stats;
                 s.in_flight -= 1;
                 s.poisoned += 1;
+                self.resolved(device, &entry);
             }
             Sent::Control(c) => {
                 self.control_strikes.remove(&c.topic);
@@ -591,10 +674,11 @@ impl Inner {
 
     fn delivered(&mut self, item: InFlight) {
         match item.what {
-            Sent::Reading { device, .. } => {
+            Sent::Reading { device, entry } => {
                 let s = &mut self.lanes[device].stats;
                 s.in_flight -= 1;
                 s.delivered += 1;
+                self.resolved(device, &entry);
             }
             Sent::Control(c) => {
                 if !self.control_strikes.is_empty() {

@@ -29,6 +29,11 @@ impl Topics {
         format!("{}/devices/{device}/readings", self.base)
     }
 
+    /// `<prefix>/<gateway>/devices/<device>/backlog`: readings replayed from the spool.
+    pub fn backlog(&self, device: &str) -> String {
+        format!("{}/devices/{device}/backlog", self.base)
+    }
+
     /// `<prefix>/<gateway>/devices/<device>/state`: retained JSON.
     pub fn device_state(&self, device: &str) -> String {
         format!("{}/devices/{device}/state", self.base)

@@ -32,6 +32,8 @@ pub struct Config {
     #[serde(default)]
     pub queue: QueueConfig,
     #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
     pub homeassistant: HomeAssistantConfig,
     #[serde(default)]
     pub commands: CommandsConfig,
@@ -118,9 +120,71 @@ pub struct GatewayConfig {
     /// How often the metrics topic is published.
     #[serde(default = "d_metrics_interval", deserialize_with = "de_duration")]
     pub metrics_interval: Duration,
-    /// How long shutdown may take to drain the queue before the rest is reported lost.
+    /// How long shutdown may take to drain the queue before the rest is reported lost (or
+    /// written to the spool, when there is one).
     #[serde(default = "d_shutdown_timeout", deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
+    /// Persistent state (the spool's default home). Default: `$STATE_DIRECTORY` when set (the
+    /// systemd unit's `StateDirectory=`), else `/var/lib/sensorgate`.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl GatewayConfig {
+    /// `state_dir`, or its default.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("STATE_DIRECTORY")
+                // systemd may list several, separated by ':'; ours is the first.
+                .and_then(|v| v.to_str().and_then(|s| s.split(':').next()).map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("/var/lib/sensorgate"))
+        })
+    }
+}
+
+/// `[spool]`: store and forward on disk (see [`crate::spool`]). Without `dir`, memory only.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Relative to `gateway.state_dir`.
+    pub dir: Option<PathBuf>,
+    /// Bound on disk; the oldest readings of the device holding the most are dropped beyond it.
+    #[serde(default = "d_spool_max_bytes", deserialize_with = "de_size")]
+    pub max_bytes: u64,
+    /// The most a power cut may lose of what reached the spool: one fsync per interval at most.
+    #[serde(default = "d_sync_interval", deserialize_with = "de_duration")]
+    pub sync_interval: Duration,
+    /// Where replayed readings go.
+    #[serde(default)]
+    pub replay_topic: ReplayTopic,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_bytes: d_spool_max_bytes(),
+            sync_interval: d_sync_interval(),
+            replay_topic: ReplayTopic::default(),
+        }
+    }
+}
+
+impl SpoolConfig {
+    /// The spool directory, when there is one (`dir` under `state_dir` when relative).
+    pub fn path(&self, gateway: &GatewayConfig) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| gateway.state_dir().join(d))
+    }
+}
+
+/// `[spool] replay_topic`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayTopic {
+    /// `<prefix>/<gw>/devices/<dev>/backlog`, while live readings go on at once.
+    #[default]
+    Backlog,
+    /// The readings topic: one ordered stream per device, backlog first, then live.
+    Readings,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -159,6 +223,9 @@ pub struct MqttConfig {
     pub reconnect_max: Duration,
     /// `[mqtt.tls]`: connect with TLS (mqtts); absent means plain TCP.
     pub tls: Option<TlsConfig>,
+    /// Readings per second at most during any catch-up after an outage (from the spool or the
+    /// memory queue). Default: twice the recent input rate, at least 1000/s.
+    pub catch_up_rate: Option<u32>,
     /// Protocol: 4 (MQTT 3.1.1, the default) or 5 (the broker's limits, PUBACK reason codes,
     /// message expiry and response topics are then used).
     #[serde(default = "d_mqtt_version")]
@@ -286,6 +353,7 @@ impl Default for MqttConfig {
             reconnect_min: d_backoff_min(),
             reconnect_max: d_backoff_max(),
             tls: None,
+            catch_up_rate: None,
             version: d_mqtt_version(),
         }
     }
@@ -555,6 +623,12 @@ fn d_backoff_min() -> Duration {
 }
 fn d_backoff_max() -> Duration {
     Duration::from_secs(30)
+}
+fn d_spool_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn d_sync_interval() -> Duration {
+    Duration::from_secs(1)
 }
 fn d_max_readings() -> NonZeroUsize {
     NonZeroUsize::new(10_000).expect("non-zero literal")

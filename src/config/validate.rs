@@ -210,6 +210,7 @@ impl Config {
         if self.queue.max_bytes < 1024 {
             p.push(Problem::new("queue.max_bytes", "must be at least 1KiB", "use e.g. \"8MiB\""));
         }
+        self.validate_spool(&mut p);
         if self.devices.is_empty() && self.buses.is_empty() {
             p.push(Problem::new(
                 "device",
@@ -226,6 +227,30 @@ impl Config {
         }
         self.check_slave_names(&mut p);
         p
+    }
+
+    fn validate_spool(&self, p: &mut Vec<Problem>) {
+        if self.mqtt.catch_up_rate == Some(0) {
+            p.push(Problem::new("mqtt.catch_up_rate", "must be at least 1", "leave it out for twice the input rate"));
+        }
+        let s = &self.spool;
+        if s.max_bytes < 64 * 1024 {
+            p.push(Problem::new("spool.max_bytes", "must be at least 64KiB", "use e.g. \"256MiB\""));
+        }
+        if s.sync_interval < Duration::from_millis(10) || s.sync_interval > Duration::from_secs(3600) {
+            p.push(Problem::new("spool.sync_interval", "must be between 10ms and 1h", "use e.g. \"1s\""));
+        }
+        if let Some(dir) = s.path(&self.gateway) {
+            if let Err(e) = crate::spool::probe_dir(&dir) {
+                let key =
+                    if s.dir.as_ref().is_some_and(|d| d.is_relative()) { "gateway.state_dir" } else { "spool.dir" };
+                p.push(Problem::new(
+                    key,
+                    format!("the spool directory {} cannot be used: {e}", dir.display()),
+                    "create it writable for the gateway's user (the systemd unit's StateDirectory= does), or choose another",
+                ));
+            }
+        }
     }
 
     /// Slaves are devices: their names are topic levels, unique among every device.

@@ -15,6 +15,7 @@
 
 pub mod codec;
 pub mod connect;
+mod pace;
 mod session;
 #[cfg(test)]
 mod tests;
@@ -206,8 +207,12 @@ pub struct MqttShared {
     pub stray_acks: AtomicU64,
     /// MQTT 5 PUBACKs with a failure reason code, by reason.
     puback_refusals: Mutex<BTreeMap<&'static str, u64>>,
-    /// Readings topics by queue lane, built as lanes appear.
-    reading_topics: Mutex<Vec<String>>,
+    /// Readings and backlog topics by queue lane, built as lanes appear.
+    reading_topics: Mutex<Vec<(String, String)>>,
+    /// `[spool] replay_topic = "readings"`.
+    pub replay_on_readings: bool,
+    /// `[mqtt] catch_up_rate`: readings per second at most; None: twice the recent input rate.
+    pub catch_up_rate: Option<u32>,
     pub reconnects: AtomicU64,
     ever_connected: AtomicBool,
     /// Connections closed right after CONNACK, in a row.
@@ -243,6 +248,8 @@ impl MqttShared {
             stray_acks: AtomicU64::new(0),
             puback_refusals: Mutex::default(),
             reading_topics: Mutex::default(),
+            replay_on_readings: false,
+            catch_up_rate: None,
             reconnects: AtomicU64::new(0),
             ever_connected: AtomicBool::new(false),
             kicked_in_a_row: AtomicU64::new(0),
@@ -259,20 +266,22 @@ impl MqttShared {
         self
     }
 
-    /// Appends the readings topic of a queue lane to `out`.
-    fn put_reading_topic(&self, lane: usize, out: &mut BytesMut) -> Result<(), codec::EncodeError> {
+    /// Appends the topic of a queue lane's readings (`replayed`: from the spool, on the backlog
+    /// topic unless `[spool] replay_topic = "readings"`) to `out`.
+    fn put_reading_topic(&self, lane: usize, replayed: bool, out: &mut BytesMut) -> Result<(), codec::EncodeError> {
         let mut topics = self.reading_topics.lock().unwrap_or_else(PoisonError::into_inner);
         while topics.len() <= lane {
             let name = self.queue.lane_name(topics.len());
-            topics.push(self.topics.readings(&name));
+            topics.push((self.topics.readings(&name), self.topics.backlog(&name)));
         }
-        codec::put_str(out, &topics[lane])
+        let (live, backlog) = &topics[lane];
+        codec::put_str(out, if replayed && !self.replay_on_readings { backlog } else { live })
     }
 
     /// The length of a lane's readings topic.
     fn reading_topic_len(&self, lane: usize) -> usize {
         let mut out = BytesMut::new();
-        let _ = self.put_reading_topic(lane, &mut out);
+        let _ = self.put_reading_topic(lane, false, &mut out);
         out.len().saturating_sub(2)
     }
 
@@ -374,6 +383,7 @@ pub async fn run_connection(
     stops: Stops,
 ) {
     let mut failures: u64 = 0;
+    let mut pacer = pace::Pacer::new(shared.catch_up_rate, shared.queue.pushed());
     let mut retry = Retry { jitter: backoff.has_jitter(), backoff, refused_since: None };
     let mut tick = liveness::ticker();
     let login = opts.login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
@@ -408,10 +418,12 @@ pub async fn run_connection(
                 }
                 shared.queue.push_control_first(shared.availability(true));
                 shared.connected.send_modify(|l| *l = Link { up: true, generation: l.generation + 1 });
+                shared.queue.set_link_up(true);
                 let began = Instant::now();
-                let mut session = Session::new(&opts, &hs.connack, &shared, &beat, &stops);
+                let mut session = Session::new(&opts, &hs.connack, &shared, &beat, &stops, &mut pacer);
                 let end = session.run(hs.stream, hs.leftover).await;
                 shared.connected.send_modify(|l| l.up = false);
+                shared.queue.set_link_up(false);
                 let poisoned = matches!(&end, Err(e) if e.broker_hung_up()) && session.strike_suspect();
                 if poisoned {
                     // Those quick hang-ups were about that reading, not another client with

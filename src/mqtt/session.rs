@@ -11,6 +11,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::codec::{self, ConnAck, EncodeError, Incoming, PublishMeta, Read, Reader, Version};
 use super::connect::Stream;
+use super::pace::Pacer;
 use super::{deliver_incoming, ConnectOptions, ConnectionError, Finished, MqttShared, Stops, MAX_INCOMING};
 use crate::liveness::{self, Beat};
 use crate::queue::{Outbound, Poisoned};
@@ -52,6 +53,9 @@ pub(super) struct Session<'a> {
     final_sent: bool,
     disconnecting: bool,
     ping_deadline: Option<Instant>,
+    pacer: &'a mut Pacer,
+    /// Readings wait for the pacer's next token (see [`super::pace`]).
+    pace_wait: Option<Instant>,
 }
 
 impl<'a> Session<'a> {
@@ -61,6 +65,7 @@ impl<'a> Session<'a> {
         shared: &'a MqttShared,
         beat: &'a Beat,
         stops: &'a Stops,
+        pacer: &'a mut Pacer,
     ) -> Self {
         // MQTT 5: the broker's Receive Maximum and Maximum Packet Size bound ours.
         let window = connack.receive_max.map_or(opts.inflight, |r| r.min(opts.inflight)).max(1);
@@ -88,6 +93,8 @@ impl<'a> Session<'a> {
             final_sent: false,
             disconnecting: false,
             ping_deadline: None,
+            pacer,
+            pace_wait: None,
         }
     }
 
@@ -118,6 +125,7 @@ impl<'a> Session<'a> {
                 self.write_deadline = Some(Instant::now() + self.reply_timeout);
             }
             let write_deadline = self.write_deadline.unwrap_or_else(Instant::now);
+            let pace_wait = self.pace_wait.unwrap_or_else(Instant::now);
             let ping_deadline = self.ping_deadline.unwrap_or_else(Instant::now);
             tokio::select! {
                 biased;
@@ -167,6 +175,10 @@ impl<'a> Session<'a> {
                 _ = tokio::time::sleep_until(write_deadline), if writing => {
                     return Err(ConnectionError::Timeout("writing to the broker"));
                 }
+                _ = tokio::time::sleep_until(pace_wait), if self.pace_wait.is_some() => {
+                    self.pace_wait = None;
+                    self.want_fill = true;
+                }
                 _ = beats.tick() => self.beat.beat(),
             }
         }
@@ -206,17 +218,26 @@ impl<'a> Session<'a> {
     fn fill_batch(&mut self) {
         let shared = self.shared;
         let qos1 = shared.qos != QoS::AtMostOnce;
+        self.pacer.observe(shared.queue.pushed());
         while self.wbuf.len() < BATCH_BYTES && (!qos1 || self.used + 1 < self.in_use.len()) {
-            let Some(out) = shared.queue.pop_next() else {
+            // The shutdown drain is not a catch-up: it has a deadline.
+            let paced = !self.drain_noticed && !self.pacer.ready();
+            let Some(out) = shared.queue.pop_next_paced(!paced) else {
                 self.want_fill = false;
+                if paced {
+                    self.pace_wait = Some(self.pacer.next_token());
+                }
                 return;
             };
+            if matches!(out, Outbound::Reading { .. }) && !self.drain_noticed {
+                self.pacer.spend();
+            }
             let pkid = if qos1 { self.take_pkid() } else { 0 };
             let written = match &out {
-                Outbound::Reading { device, payload } => {
+                Outbound::Reading { device, payload, replayed } => {
                     let meta = PublishMeta { pkid, retain: false, expiry_s: self.expiry_s, correlation: None };
                     codec::put_publish(&mut self.wbuf, self.version, meta, payload, self.limit, |b| {
-                        shared.put_reading_topic(*device, b)
+                        shared.put_reading_topic(*device, *replayed, b)
                     })
                 }
                 Outbound::Control(c) => {
@@ -244,7 +265,7 @@ impl<'a> Session<'a> {
     /// sending it would only make the broker hang up on us, again and again.
     fn refuse(&mut self, out: &Outbound, e: &EncodeError) {
         match out {
-            Outbound::Reading { device, payload } => {
+            Outbound::Reading { device, payload, .. } => {
                 let topic_len = self.shared.reading_topic_len(*device);
                 tracing::error!(
                     device = %self.shared.queue.lane_name(*device), bytes = payload.len(), topic_len,

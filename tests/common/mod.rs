@@ -50,6 +50,14 @@ impl Mosquitto {
         Self::start_custom(persistent, String::new())
     }
 
+    /// On a given port (a gateway was told to use it before the broker existed).
+    pub fn start_on(port: u16, persistent: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Self { child: None, port, dir, persistent, extra: String::new() };
+        m.restart();
+        m
+    }
+
     /// With extra configuration lines, e.g. a second (TLS) listener.
     pub fn start_custom(persistent: bool, extra: String) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -142,22 +150,34 @@ impl Gateway {
 
     /// With extra environment variables too (e.g. the binary's test hooks).
     pub fn start_with_env(dir: &Path, config_toml: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_configured(dir, config_toml, args, |c| {
+            c.envs(env.iter().copied());
+        })
+    }
+
+    /// With the command adjusted by `configure` before it starts (limits, say).
+    pub fn start_configured(
+        dir: &Path,
+        config_toml: &str,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let config = dir.join("sensorgate.toml");
         std::fs::write(&config, config_toml).unwrap();
         let log = dir.join("gateway.log");
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sensorgate"));
+        command
             .args(args)
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("start sensorgate");
+            .stderr(file);
+        configure(&mut command);
+        let child = command.spawn().expect("start sensorgate");
         Self { child, log, config }
     }
 
@@ -234,6 +254,8 @@ pub struct Msg {
     pub retain: bool,
     /// When the subscriber received it, µs since the epoch.
     pub received_us: u64,
+    /// The broker's redelivery of a message it sent before (after its restart, say).
+    pub dup: bool,
 }
 
 impl Msg {
@@ -307,6 +329,7 @@ impl Subscriber {
                             payload: p.payload.to_vec(),
                             retain: p.retain,
                             received_us: now_us(),
+                            dup: p.dup,
                         };
                         if tx.send(msg).await.is_err() {
                             return;
@@ -404,14 +427,15 @@ pub fn assert_identities(dev: &serde_json::Value) {
     let rejected = n(&dev["rejected"], "total");
     assert_eq!(n(dev, "frames_in"), n(dev, "readings") + rejected, "frames_in = readings + rejected: {dev}");
     assert_eq!(
-        n(dev, "readings"),
+        n(dev, "readings") + n(dev, "restored"),
         n(dev, "delivered")
             + n(dev, "dropped_oldest")
             + n(dev, "expired")
             + n(dev, "poisoned")
             + n(dev, "queued")
-            + n(dev, "in_flight"),
-        "readings = delivered + dropped + expired + poisoned + queued + in_flight: {dev}"
+            + n(dev, "in_flight")
+            + n(dev, "spooled"),
+        "readings + restored = delivered + dropped + expired + poisoned + queued + in_flight + spooled: {dev}"
     );
     let by_reason: u64 = dev["rejected"]
         .as_object()
