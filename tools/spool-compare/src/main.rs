@@ -1,7 +1,8 @@
 //! spool-compare: the segmented log we plan for the spool against SQLite (WAL) and redb, on the
 //! gateway's workload (issue 11, "Choosing the storage"). Standalone: not part of the workspace.
 //!
-//! Subcommands (the store is one of `log`, `log-1file`, `sqlite-normal`, `sqlite-full`, `redb`):
+//! Subcommands (the store is one of `log`, `log-1file`, `sqlite-normal`, `sqlite-full`, `redb`,
+//! `redb-4mib-cache`):
 //! - `report [--n N] [--data DIR] [--kill-trials K]`: runs everything below, each in its own
 //!   process, and prints the Markdown table;
 //! - `bench STORE DIR N`: spool N readings in batches of 1000, replay and ack them; prints key=value;
@@ -23,7 +24,7 @@ use std::time::Instant;
 use store::{Res, Store};
 use workload::{BATCH, Batch, DEVICES};
 
-pub const STORES: [&str; 5] = ["log", "log-1file", "sqlite-normal", "sqlite-full", "redb"];
+pub const STORES: [&str; 6] = ["log", "log-1file", "sqlite-normal", "sqlite-full", "redb", "redb-4mib-cache"];
 
 pub fn open_store(name: &str, dir: &Path) -> Res<Box<dyn Store>> {
     std::fs::create_dir_all(dir)?;
@@ -32,7 +33,8 @@ pub fn open_store(name: &str, dir: &Path) -> Res<Box<dyn Store>> {
         "log-1file" => Box::new(log::Log::open(dir, 1)?),
         "sqlite-normal" => Box::new(store::Sqlite::open(&dir.join("spool.db"), "NORMAL")?),
         "sqlite-full" => Box::new(store::Sqlite::open(&dir.join("spool.db"), "FULL")?),
-        "redb" => Box::new(store::Redb::open(&dir.join("spool.redb"))?),
+        "redb" => Box::new(store::Redb::open(&dir.join("spool.redb"), None)?),
+        "redb-4mib-cache" => Box::new(store::Redb::open(&dir.join("spool.redb"), Some(4 << 20))?),
         other => return Err(format!("unknown store {other:?}; one of {STORES:?}").into()),
     })
 }

@@ -146,7 +146,7 @@ fn strace_counts(store: &str, dir: &Path, n: u64) -> Res<[u64; 3]> {
 fn target(store: &str, dir: &Path, which: Target) -> Res<PathBuf> {
     Ok(match store {
         "log" | "log-1file" => log::last_segment(dir, which == Target::Tail)?,
-        "redb" => dir.join("spool.redb"),
+        "redb" | "redb-4mib-cache" => dir.join("spool.redb"),
         _ => {
             let wal = dir.join("spool.db-wal");
             let db = dir.join("spool.db");
@@ -390,7 +390,7 @@ pub fn run(args: &[String]) -> Res<()> {
             scenario(store, &o.data, Damage::Flip, Target::Data, false)?,
             scenario(store, &o.data, Damage::Truncate8k, Target::Data, false)?,
         ];
-        if store.starts_with("sqlite") || store == "redb" {
+        if !store.starts_with("log") {
             // After a clean close SQLite's data lives in the main file, and redb skips its repair
             // pass (the one that checks every checksum): damage that state too.
             cells[2] +=

@@ -102,8 +102,13 @@ pub struct Redb {
 }
 
 impl Redb {
-    pub fn open(path: &Path) -> Res<Self> {
-        let db = redb::Database::builder().create(path)?;
+    /// `cache_bytes`: redb's page cache; its default (1 GiB) lets it grow to the whole file.
+    pub fn open(path: &Path, cache_bytes: Option<usize>) -> Res<Self> {
+        let mut b = redb::Database::builder();
+        if let Some(c) = cache_bytes {
+            b.set_cache_size(c);
+        }
+        let db = b.create(path)?;
         Ok(Redb { db, next_read: 0, acked: 0 })
     }
 }
