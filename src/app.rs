@@ -668,15 +668,19 @@ impl Core {
         self.draining.cancel();
         let (queue, shared) = (Arc::clone(&self.queue), Arc::clone(&side.shared));
         // With a spool and no broker, waiting is pointless: the queue goes to disk.
-        let drain_until = if self.spool.is_some() && !shared.is_connected() { Instant::now() } else { deadline };
-        let drained = wait_with_progress(&mut side.conn, drain_until, || {
-            format!(
-                "MQTT connection still draining: {} readings queued, broker connected: {}",
-                queue.depth().0,
-                shared.is_connected()
-            )
-        })
-        .await;
+        let drained = if self.spool.is_some() && !shared.is_connected() {
+            tracing::info!("The broker is away: the queue goes to the spool instead of draining.");
+            false
+        } else {
+            wait_with_progress(&mut side.conn, deadline, || {
+                format!(
+                    "MQTT connection still draining: {} readings queued, broker connected: {}",
+                    queue.depth().0,
+                    shared.is_connected()
+                )
+            })
+            .await
+        };
         side.hard_stop.cancel();
         if !drained {
             telemetry::shutdown_stage("the MQTT connection task, told to stop at once");

@@ -114,6 +114,10 @@ fn corpus(dir: &Path) -> Vec<Case> {
             .at("colour"),
         case("unknown key in [[device.entity]]", cfg("", "[[device.entity]]\nfield = \"temp\"\nunits = \"°C\"\n"), "device[0].entity[0].units", &["unknown field `units`", "`unit`"], FIX_UNKNOWN)
             .at("units"),
+        // --- the spool: a directory that cannot be created, bounds ---
+        case("spool dir under a file", cfg(&format!("[spool]\ndir = \"{some_file}/spool\"\n"), ""), "spool.dir", &["the spool directory", "cannot be used"], "create it writable"),
+        case("spool too small", cfg("[spool]\ndir = \"/tmp\"\nmax_bytes = \"1KiB\"\n", ""), "spool.max_bytes", &["at least 64KiB"], "256MiB"),
+        case("catch_up_rate zero", cfg("[mqtt]\ncatch_up_rate = 0\n", ""), "mqtt.catch_up_rate", &["at least 1"], "twice the input rate"),
         // --- values that do not parse ---
         case("bad duration", cfg("", "idle_timeout = \"3 parsecs\"\n"), "device[0].idle_timeout", &["invalid duration \"3 parsecs\""], FIX_DURATION)
             .at("parsecs"),

@@ -168,7 +168,12 @@ impl Spool {
                 if me.stop.load(Relaxed) {
                     break;
                 }
-                me.step(false);
+                // A bug here must not silently end the spool: the queue would fill its spill
+                // buffer and drop with nothing said. Counted, shown, retried like a disk error.
+                if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.step(false))) {
+                    let e = io::Error::other(format!("panicked: {}", crate::device::panic_text(p)));
+                    me.fail(&mut me.lock(), &e, "a spool round");
+                }
             }
         })
     }

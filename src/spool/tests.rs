@@ -309,3 +309,22 @@ fn the_disk_bound_drops_the_oldest_of_the_device_holding_the_most() {
     assert!(got[a].windows(2).all(|w| w[0] < w[1]) && got[a].last() == Some(&2999), "{:?}", got[a]);
     identity(q.stats()[a]);
 }
+
+#[test]
+fn spooled_readings_older_than_max_age_expire_counted_and_leave_the_spool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, _) = DeviceLog::open(&tmp.path().join("old"), 1 << 20).unwrap();
+    let old_us = crate::telemetry::now_us() - 10_000_000;
+    let ps: Vec<String> = (0..20).map(payload).collect();
+    log.append(ps.iter().map(|p| (old_us, p.as_bytes()))).unwrap();
+    drop(log);
+    let q = Arc::new(ReadingQueue::new(0, 1000, 1 << 20, Some(Duration::from_secs(1)), 10));
+    let spool = spool_for(tmp.path(), &q, 1 << 20);
+    q.set_link_up(true);
+    assert!(q.pop_next().is_none(), "ten seconds old, max_age one second");
+    let s = q.stats()[0];
+    assert_eq!((s.restored, s.expired, s.spooled, s.delivered), (20, 20, 0, 0));
+    identity(s);
+    spool.step(false);
+    assert_eq!(spool.stats.bytes.load(Relaxed), 0, "expired readings leave the spool too");
+}
