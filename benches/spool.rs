@@ -9,14 +9,15 @@
 //! 3. the broker back: the replay (its rate and duration from the gateway's metrics, CPU per
 //!    100k replayed, the delay of fresh readings meanwhile, peak RSS) and the final accounting.
 //!
-//! `cargo bench --bench spool`. Three subscribers share what `sensorgate/<gw>/#` carries (the
+//! `cargo bench --bench spool` (`SG_MQTT="inflight = 1000"` adds `[mqtt]` lines, `;` between
+//! them). Three subscribers share what `sensorgate/<gw>/#` carries (the
 //! metrics, the live readings, the backlog), so that a subscriber lagging behind the backlog
 //! cannot delay the metrics the rates come from or the live readings the delays come from.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,8 +83,31 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// CPU seconds of a process's threads, by the first part of their name (`spool`, `tokio`,
+/// `decode`, ...): where the gateway spends it.
+fn threads_cpu(pid: i32) -> BTreeMap<String, f64> {
+    let mut by = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return by };
+    for t in tasks.flatten() {
+        let (Ok(comm), Ok(tid)) =
+            (std::fs::read_to_string(t.path().join("comm")), t.file_name().to_string_lossy().parse::<i32>())
+        else {
+            continue;
+        };
+        let key = comm.trim().split('-').next().unwrap_or_default().to_string();
+        // A thread that ended between the listing and the read is skipped.
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+            let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+            let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+            // SAFETY: sysconf has no preconditions.
+            *by.entry(key).or_insert(0.0) += ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        }
+    }
+    by
+}
+
 /// Process and disk counters at one instant.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Snap {
     at: Instant,
     gateway_cpu: f64,
@@ -91,6 +115,7 @@ struct Snap {
     bench_cpu: f64,
     write_bytes: u64,
     disk: Option<u64>,
+    threads: BTreeMap<String, f64>,
 }
 
 impl Snap {
@@ -102,6 +127,7 @@ impl Snap {
             bench_cpu: cpu_seconds(std::process::id() as i32),
             write_bytes: io_write_bytes(gateway),
             disk: disk_written(disk),
+            threads: threads_cpu(gateway),
         }
     }
 
@@ -115,6 +141,11 @@ impl Snap {
             bench_cpu: self.bench_cpu - earlier.bench_cpu,
             write_bytes: self.write_bytes - earlier.write_bytes,
             disk: self.disk.zip(earlier.disk).map(|(b, a)| b - a),
+            threads: self
+                .threads
+                .iter()
+                .map(|(k, v)| (k.clone(), v - earlier.threads.get(k).copied().unwrap_or(0.0)))
+                .collect(),
         }
     }
 }
@@ -126,6 +157,20 @@ struct Span {
     bench_cpu: f64,
     write_bytes: u64,
     disk: Option<u64>,
+    threads: BTreeMap<String, f64>,
+}
+
+impl Span {
+    /// `spool 1.2 % · tokio 10.3 % · ...`: each thread group's share of a core.
+    fn threads(&self) -> String {
+        let shares: Vec<String> = self
+            .threads
+            .iter()
+            .filter(|(_, v)| **v > 0.0)
+            .map(|(k, v)| format!("{k} {:.1}", share(*v, self.secs)))
+            .collect();
+        shares.join(" · ")
+    }
 }
 
 /// Percent of one core.
@@ -301,10 +346,13 @@ fn quantiles(delays: &mut [u64]) -> (usize, String, String, String) {
 
 // ---- The run ------------------------------------------------------------------------------------
 
+/// `$SG_MQTT`: more `[mqtt]` lines, to see what a setting changes (e.g. `inflight = 1000`,
+/// `catch_up_rate = 20000`).
 fn config(port: u16, spool: &Path, ports: &Path) -> String {
+    let mqtt_extra = std::env::var("SG_MQTT").unwrap_or_default().replace(';', "\n");
     let mut c = format!(
         "[gateway]\nid = \"{GATEWAY}\"\nmetrics_interval = \"1s\"\n\
-         [mqtt]\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n\
+         [mqtt]\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n{mqtt_extra}\n\
          [spool]\ndir = \"{}\"\nmax_bytes = \"4GiB\"\nsync_interval = \"1s\"\n",
         spool.display()
     );
@@ -379,7 +427,7 @@ async fn run(outage: Duration) {
     let row_every = Duration::from_secs((outage.as_secs() / 20).max(10));
     println!("| s into outage | RSS MiB | VmHWM MiB | gateway CPU % | write_bytes MiB | spool on disk MiB |");
     println!("|---|---|---|---|---|---|");
-    let mut last = s2a;
+    let mut last = s2a.clone();
     while last.at - s2a.at < outage {
         let left = outage.saturating_sub(last.at - s2a.at);
         tokio::time::sleep(row_every.min(left)).await;
@@ -484,11 +532,12 @@ async fn run(outage: Duration) {
         spool_left = metrics.fresh(METRICS_WAIT, "waiting for the spool to empty").await.1["spool"].clone();
     }
 
+    // Stopped before its sensors, so that the log ends with the shutdown, not with 16 unplugs.
+    gw.signal(libc::SIGTERM);
+    let status = gw.wait(Duration::from_secs(30));
     for w in writers {
         w.abort();
     }
-    gw.signal(libc::SIGTERM);
-    let status = gw.wait(Duration::from_secs(30));
     // The gateway's log outlives the temp dir (and its spool) for a look afterwards.
     let kept_log = tmp.join("spool-bench-gateway.log");
     std::fs::copy(&gw.log, &kept_log).unwrap();
@@ -510,8 +559,9 @@ async fn run(outage: Duration) {
     let disk = |span: &Span| span.disk.map_or("-".to_string(), |b| format!("{:.1}", mib(b)));
     println!();
     println!(
-        "## Spool under load: {DEVICES} × {RATE}/s JSON lines, outage {} s, spool on {} ({})",
+        "## Spool under load: {DEVICES} × {RATE}/s JSON lines, outage {} s, [mqtt] extra: {:?}, spool on {} ({})",
         outage.as_secs(),
+        std::env::var("SG_MQTT").unwrap_or_default(),
         tmp.display(),
         disk_stat_path(tmp).display()
     );
@@ -544,6 +594,7 @@ async fn run(outage: Duration) {
         share(p3.broker_cpu, p3.secs),
         share(p3.bench_cpu, p3.secs)
     );
+    println!("| gateway CPU by thread, % of a core | {} | {} | {} |", p1.threads(), p2.threads(), p3.threads());
     println!(
         "| gateway write_bytes (/proc/<pid>/io), MiB | {:.3} ({} bytes) | {:.1} | {:.1} |",
         mib(p1.write_bytes),
