@@ -9,9 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{cpu_seconds, memory_mib, Gateway, Mosquitto, Subscriber};
-use sensorgate::decode::Format;
-use sensorgate::framing::Framing;
-use sensorgate::simulate::{PtyLink, SimSpec};
+use sensorgate::simulate::PtyLink;
 
 const DEVICES: usize = 16;
 const RATE: u32 = 1000;
@@ -30,15 +28,7 @@ async fn run(outage: Duration) {
         config += &format!("[[device]]\nname = \"d{i}\"\npath = \"{}\"\nframing = \"lines\"\n", link.display());
     }
     let gw = Gateway::start(dir.path(), &config);
-    let spec = SimSpec { framing: Framing::Lines, format: Format::Json };
-    let writers: Vec<_> = ptys
-        .into_iter()
-        .map(|mut pty| {
-            tokio::spawn(async move {
-                let _ = sensorgate::simulate::run(spec, &mut pty.master, RATE, 0, 0).await;
-            })
-        })
-        .collect();
+    let writers = common::json_sensors(ptys, RATE);
     tokio::time::sleep(Duration::from_secs(3)).await;
     println!("RSS before the outage: {:.1} MiB", memory_mib(gw.pid(), "VmRSS:"));
     broker.stop();

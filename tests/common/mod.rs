@@ -748,3 +748,18 @@ pub fn run_rumqttd_if_asked() {
     let result = rumqttd::Broker::new(config).start();
     panic!("rumqttd stopped: {result:?}");
 }
+
+/// One simulated JSON-lines sensor per port, each writing `rate` readings/s until aborted.
+pub fn json_sensors(ptys: Vec<sensorgate::simulate::PtyLink>, rate: u32) -> Vec<tokio::task::JoinHandle<()>> {
+    let spec = sensorgate::simulate::SimSpec {
+        framing: sensorgate::framing::Framing::Lines,
+        format: sensorgate::decode::Format::Json,
+    };
+    ptys.into_iter()
+        .map(|mut pty| {
+            tokio::spawn(async move {
+                let _ = sensorgate::simulate::run(spec, &mut pty.master, rate, 0, 0).await;
+            })
+        })
+        .collect()
+}
