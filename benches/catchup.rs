@@ -13,9 +13,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{Gateway, Mosquitto, Subscriber};
-use sensorgate::decode::Format;
-use sensorgate::framing::Framing;
-use sensorgate::simulate::{PtyLink, SimSpec};
+use sensorgate::simulate::PtyLink;
 
 const DEVICES: usize = 16;
 const OUTAGE: Duration = Duration::from_secs(5);
@@ -44,11 +42,7 @@ async fn soak(label: &str, mqtt_extra: &str, secs: u64, rate: u32) -> Outcome {
         config += &format!("[[device]]\nname = \"d{i}\"\npath = \"{}\"\nframing = \"lines\"\n", link.display());
     }
     let gw = Gateway::start(dir.path(), &config);
-    let spec = SimSpec { framing: Framing::Lines, format: Format::Json };
-    let writers: Vec<_> = ptys
-        .into_iter()
-        .map(|mut pty| tokio::spawn(async move { sensorgate::simulate::run(spec, &mut pty.master, rate, 0, 0).await }))
-        .collect();
+    let writers = common::json_sensors(ptys, rate);
     let seen = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<(String, u64)>::new()));
     let collector = {
         let seen = std::sync::Arc::clone(&seen);

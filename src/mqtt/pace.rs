@@ -17,6 +17,8 @@ use tokio::time::Instant;
 /// The automatic rate's floor: drains an hour of a quiet gateway's backlog in about a minute,
 /// and stays within a default mosquitto subscriber queue per second.
 pub const MIN_AUTO_RATE: f64 = 1000.0;
+/// A paced connection wakes for this much of the rate at a time.
+const BATCH: Duration = Duration::from_millis(10);
 /// How often the input rate is sampled.
 const SAMPLE: Duration = Duration::from_secs(1);
 
@@ -78,8 +80,20 @@ impl Pacer {
     }
 
     /// When the next token is due.
+    #[cfg(test)]
     pub fn next_token(&self) -> Instant {
-        let missing = (1.0 - self.tokens).max(0.0);
+        self.when(1.0)
+    }
+
+    /// When a batch's worth of tokens is due ([`BATCH`] of them, at least one): waking for
+    /// every token would write one reading per wake-up (measured: 5 CPU-s per 100k replayed
+    /// at 4000/s, against 1.0 for live readings).
+    pub fn next_batch(&self) -> Instant {
+        self.when((self.rate * BATCH.as_secs_f64()).clamp(1.0, burst(self.rate)))
+    }
+
+    fn when(&self, tokens: f64) -> Instant {
+        let missing = (tokens - self.tokens).max(0.0);
         self.last + Duration::from_secs_f64(missing / self.rate)
     }
 }
@@ -102,6 +116,8 @@ mod tests {
         }
         assert_eq!(n, 50);
         assert_eq!(p.next_token() - Instant::now(), Duration::from_millis(10));
+        // 10 ms of the rate is one reading at 100/s.
+        assert_eq!(p.next_batch(), p.next_token());
         for _ in 0..1000 {
             tokio::time::advance(Duration::from_millis(10)).await;
             while p.ready() {
@@ -119,6 +135,11 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         p.observe(4000);
         assert_eq!(p.rate(), 8000.0);
+        // A paced connection wakes for 80 readings at a time, not for each.
+        while p.ready() {
+            p.spend();
+        }
+        assert_eq!(p.next_batch() - p.next_token(), Duration::from_secs_f64(79.0 / 8000.0));
         // The input stops: the rate decays 5 % a second, down to the floor.
         tokio::time::advance(Duration::from_secs(1)).await;
         p.observe(4000);

@@ -225,7 +225,7 @@ impl<'a> Session<'a> {
             let Some(out) = shared.queue.pop_next_paced(!paced) else {
                 self.want_fill = false;
                 if paced {
-                    self.pace_wait = Some(self.pacer.next_token());
+                    self.pace_wait = Some(self.pacer.next_batch());
                 }
                 return;
             };

@@ -47,6 +47,10 @@ const SPILL_BUFFER: usize = 1024 * 1024;
 /// Retry of a failing spool.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Delivery progress (cursors, deleted segments) is synced this often at most: a power cut
+/// may then deliver up to this much of a replay again, and the replay does not cost an SD
+/// card a page write per device per `sync_interval`.
+const PROGRESS_SYNC: Duration = Duration::from_secs(30);
 /// Idle wake-up, for acknowledgements that arrived without a signal.
 const IDLE: Duration = Duration::from_secs(1);
 
@@ -105,6 +109,7 @@ struct Store {
     logs: HashMap<usize, DeviceLog>,
     failing: Option<Failing>,
     last_sync: Instant,
+    last_progress_sync: Instant,
     /// Written since the last sync.
     unsynced: bool,
     scratch: Vec<Loaded>,
@@ -137,6 +142,7 @@ impl Spool {
             logs: HashMap::new(),
             failing: None,
             last_sync: Instant::now(),
+            last_progress_sync: Instant::now(),
             unsynced: false,
             scratch: Vec::new(),
             replayed: Vec::new(),
@@ -312,7 +318,8 @@ impl Spool {
         }
         s.unsynced |= wrote;
         if commit_due && s.unsynced {
-            self.commit(&mut s);
+            let progress = last || s.last_progress_sync.elapsed() >= PROGRESS_SYNC;
+            self.commit(&mut s, progress);
         }
         self.publish_stats(&s);
     }
@@ -364,13 +371,17 @@ impl Spool {
         }
     }
 
-    fn commit(&self, s: &mut Store) {
+    fn commit(&self, s: &mut Store, progress: bool) {
         s.last_sync = Instant::now();
-        s.unsynced = false;
+        if progress {
+            s.last_progress_sync = s.last_sync;
+        }
+        // Progress left for later keeps `unsynced`: the next commit after PROGRESS_SYNC has it.
+        s.unsynced = !progress;
         let mut calls = 0;
         let mut error = None;
         for log in s.logs.values_mut() {
-            match log.sync() {
+            match log.sync(progress) {
                 Ok(n) => calls += n,
                 Err(e) => error = Some(e),
             }
