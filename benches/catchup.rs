@@ -13,7 +13,6 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{Gateway, Mosquitto, Subscriber};
-use sensorgate::simulate::PtyLink;
 
 const DEVICES: usize = 16;
 const OUTAGE: Duration = Duration::from_secs(5);
@@ -35,12 +34,8 @@ async fn soak(label: &str, mqtt_extra: &str, secs: u64, rate: u32) -> Outcome {
          [queue]\nmax_readings = 1000000\nmax_bytes = \"256MiB\"\n",
         broker.port
     );
-    let mut ptys = Vec::new();
-    for i in 0..DEVICES {
-        let link = dir.path().join(format!("d{i}"));
-        ptys.push(PtyLink::create(&link).unwrap());
-        config += &format!("[[device]]\nname = \"d{i}\"\npath = \"{}\"\nframing = \"lines\"\n", link.display());
-    }
+    let (ptys, devices) = common::line_devices(dir.path(), DEVICES);
+    config += &devices;
     let gw = Gateway::start(dir.path(), &config);
     let writers = common::json_sensors(ptys, rate);
     let seen = std::sync::Arc::new(std::sync::Mutex::new(HashSet::<(String, u64)>::new()));

@@ -9,7 +9,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{cpu_seconds, memory_mib, Gateway, Mosquitto, Subscriber};
-use sensorgate::simulate::PtyLink;
 
 const DEVICES: usize = 16;
 const RATE: u32 = 1000;
@@ -21,12 +20,8 @@ async fn run(outage: Duration) {
         "[gateway]\nid = \"o\"\nmetrics_interval = \"1s\"\n[mqtt]\nport = {}\nreconnect_max = \"2s\"\n",
         broker.port
     );
-    let mut ptys = Vec::new();
-    for i in 0..DEVICES {
-        let link = dir.path().join(format!("d{i}"));
-        ptys.push(PtyLink::create(&link).unwrap());
-        config += &format!("[[device]]\nname = \"d{i}\"\npath = \"{}\"\nframing = \"lines\"\n", link.display());
-    }
+    let (ptys, devices) = common::line_devices(dir.path(), DEVICES);
+    config += &devices;
     let gw = Gateway::start(dir.path(), &config);
     let writers = common::json_sensors(ptys, RATE);
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{cpu_seconds, memory_mib, n, Gateway, Mosquitto, Msg, Subscriber};
-use sensorgate::simulate::PtyLink;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -348,21 +347,15 @@ fn quantiles(delays: &mut [u64]) -> (usize, String, String, String) {
 
 /// `$SG_MQTT`: more `[mqtt]` lines, to see what a setting changes (e.g. `inflight = 1000`,
 /// `catch_up_rate = 20000`).
-fn config(port: u16, spool: &Path, ports: &Path) -> String {
+fn config(port: u16, spool: &Path, devices: &str) -> String {
     let mqtt_extra = std::env::var("SG_MQTT").unwrap_or_default().replace(';', "\n");
-    let mut c = format!(
+    let c = format!(
         "[gateway]\nid = \"{GATEWAY}\"\nmetrics_interval = \"1s\"\n\
          [mqtt]\nport = {port}\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n{mqtt_extra}\n\
          [spool]\ndir = \"{}\"\nmax_bytes = \"4GiB\"\nsync_interval = \"1s\"\n",
         spool.display()
     );
-    for i in 0..DEVICES {
-        c += &format!(
-            "[[device]]\nname = \"d{i}\"\npath = \"{}\"\nframing = \"lines\"\n",
-            ports.join(format!("d{i}")).display()
-        );
-    }
-    c
+    c + devices
 }
 
 async fn run(outage: Duration) {
@@ -381,9 +374,8 @@ async fn run(outage: Duration) {
     let backlog_task =
         collect(Subscriber::connect(broker.port, &topic("devices/+/backlog")).await, Arc::clone(&backlog));
 
-    let ptys: Vec<PtyLink> =
-        (0..DEVICES).map(|i| PtyLink::create(&dir.path().join(format!("d{i}"))).unwrap()).collect();
-    let mut gw = Gateway::start(dir.path(), &config(broker.port, &spool, dir.path()));
+    let (ptys, devices) = common::line_devices(dir.path(), DEVICES);
+    let mut gw = Gateway::start(dir.path(), &config(broker.port, &spool, &devices));
     let pid = gw.pid();
     let writers = common::json_sensors(ptys, RATE);
     let started = Instant::now();

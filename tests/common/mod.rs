@@ -749,6 +749,20 @@ pub fn run_rumqttd_if_asked() {
     panic!("rumqttd stopped: {result:?}");
 }
 
+/// `n` pseudo-terminals `d0`…`d<n-1>` in `dir`, and the `[[device]]` tables (JSON lines) that
+/// read them.
+pub fn line_devices(dir: &Path, n: usize) -> (Vec<sensorgate::simulate::PtyLink>, String) {
+    let mut tables = String::new();
+    let ptys = (0..n)
+        .map(|i| {
+            let link = dir.join(format!("d{i}"));
+            tables += &format!("[[device]]\nname = \"d{i}\"\npath = \"{}\"\nframing = \"lines\"\n", link.display());
+            sensorgate::simulate::PtyLink::create(&link).unwrap()
+        })
+        .collect();
+    (ptys, tables)
+}
+
 /// One simulated JSON-lines sensor per port, each writing `rate` readings/s until aborted.
 pub fn json_sensors(ptys: Vec<sensorgate::simulate::PtyLink>, rate: u32) -> Vec<tokio::task::JoinHandle<()>> {
     let spec = sensorgate::simulate::SimSpec {
