@@ -83,10 +83,69 @@ pub struct Loaded {
 /// An open segment being read for replay.
 struct Reader {
     seg: u64,
+    records: Records,
+}
+
+/// Reads a segment's records in order from an offset, skipping damage: the one scanner that
+/// both the check at open and the replay use.
+struct Records {
     file: File,
     buf: Vec<u8>,
-    /// File offset of `buf[0]`.
+    /// File offset of `buf[0]`, and of the next record.
     buf_off: u64,
+    off: u64,
+    /// Inside a damaged stretch (reported once, however many tries resynchronising takes).
+    damaged: bool,
+}
+
+/// What [`Records::next`] found.
+enum Next<'a> {
+    /// A valid record ending at file offset `end`.
+    Record { at_us: u64, payload: &'a [u8], end: u64 },
+    /// A damaged stretch begins (a torn or corrupted record, garbage); it is being skipped.
+    Damage,
+    /// The end of what the file holds now.
+    End,
+}
+
+impl Records {
+    fn new(mut file: File, from: u64) -> io::Result<Self> {
+        file.seek(SeekFrom::Start(from))?;
+        Ok(Self { file, buf: Vec::new(), buf_off: from, off: from, damaged: false })
+    }
+
+    fn next(&mut self) -> io::Result<Next<'_>> {
+        loop {
+            let at = (self.off - self.buf_off) as usize;
+            match record::scan(&self.buf[at..]) {
+                Scan::Record { at_us, payload, len } => {
+                    // The payload ends the record; borrowed again once `off` has moved.
+                    let start = at + len - payload.len();
+                    self.damaged = false;
+                    self.off += len as u64;
+                    let payload = &self.buf[start..at + len];
+                    return Ok(Next::Record { at_us, payload, end: self.off });
+                }
+                Scan::Incomplete => {
+                    if read_more(&mut self.file, &mut self.buf, &mut self.buf_off, self.off)? > 0 {
+                        continue;
+                    }
+                    let at = (self.off - self.buf_off) as usize;
+                    if at == self.buf.len() {
+                        return Ok(Next::End);
+                    }
+                    // Part of a record at the end of the file: a torn tail (the power went
+                    // while it was being written), or a damaged length. What follows may
+                    // still be good.
+                    self.off += resync(&self.buf[at..], true) as u64;
+                }
+                Scan::Bad => self.off += resync(&self.buf[at..], false) as u64,
+            }
+            if !std::mem::replace(&mut self.damaged, true) {
+                return Ok(Next::Damage);
+            }
+        }
+    }
 }
 
 /// One device's log. Not thread-safe by design: the spool thread owns it.
@@ -366,8 +425,6 @@ impl DeviceLog {
     /// A segment cannot be opened or read.
     pub fn load(&mut self, max: usize, out: &mut Vec<Loaded>) -> io::Result<u64> {
         let mut corrupt = 0;
-        // One damaged stretch counts once, however many tries resynchronising takes.
-        let mut damaged = false;
         while out.len() < max && self.unread > 0 {
             let Some(seg_idx) = self.segments.iter().position(|s| s.id == self.read.seg) else {
                 // The segment being read was dropped (spool full): go on with the next one.
@@ -381,40 +438,23 @@ impl DeviceLog {
                 }
             };
             if self.reader.as_ref().is_none_or(|r| r.seg != self.read.seg) {
-                let mut file = File::open(self.segment_path(self.read.seg))?;
-                file.seek(SeekFrom::Start(self.read.off))?;
-                self.reader = Some(Reader { seg: self.read.seg, file, buf: Vec::new(), buf_off: self.read.off });
+                let file = File::open(self.segment_path(self.read.seg))?;
+                self.reader = Some(Reader { seg: self.read.seg, records: Records::new(file, self.read.off)? });
             }
             let reader = self.reader.as_mut().expect("opened above");
-            let at = (self.read.off - reader.buf_off) as usize;
-            match record::scan(&reader.buf[at..]) {
-                Scan::Record { at_us, payload, len } => {
-                    damaged = false;
-                    self.read.off += len as u64;
+            match reader.records.next()? {
+                Next::Record { at_us, payload, end } => {
+                    self.read.off = end;
                     out.push(Loaded { end: self.read, at_us, payload: payload.to_vec() });
                     self.loaded.push_back((self.read, false));
                     self.segments[seg_idx].loaded += 1;
                     self.unread -= 1;
                     self.cursor_dirty = true;
                 }
-                Scan::Incomplete => {
-                    if read_more(&mut reader.file, &mut reader.buf, &mut reader.buf_off, self.read.off)? > 0 {
-                        continue;
-                    }
-                    let at = (self.read.off - reader.buf_off) as usize;
-                    if at < reader.buf.len() {
-                        // Part of a record at the end of the file: damage (the writer only
-                        // writes whole batches). What follows may still be good.
-                        if !std::mem::replace(&mut damaged, true) {
-                            corrupt += self.segments[seg_idx].new_damage();
-                        }
-                        self.read.off += resync(&reader.buf[at..], true) as u64;
-                        continue;
-                    }
-                    if seg_idx + 1 == self.segments.len() {
-                        // The tail, read as far as it is written.
-                        break;
-                    }
+                Next::Damage => corrupt += self.segments[seg_idx].new_damage(),
+                // The tail, read as far as it is written.
+                Next::End if seg_idx + 1 == self.segments.len() => break,
+                Next::End => {
                     // The end of a sealed segment: on to the next.
                     let seg = &mut self.segments[seg_idx];
                     if seg.loaded < seg.records {
@@ -425,12 +465,6 @@ impl DeviceLog {
                     }
                     self.read = Pos::start(self.segments[seg_idx + 1].id);
                     self.reader = None;
-                }
-                Scan::Bad => {
-                    if !std::mem::replace(&mut damaged, true) {
-                        corrupt += self.segments[seg_idx].new_damage();
-                    }
-                    self.read.off += resync(&reader.buf[at..], false) as u64;
                 }
             }
         }
@@ -621,47 +655,26 @@ fn scan_segment(path: &Path, from: u64, loaded_to: Pos, is_last: bool) -> io::Re
     }
     let len = file.metadata()?.len();
     let mut s = SegmentScan { bytes: len, records: 0, maybe_sent: 0, corrupt: 0 };
-    let mut off = from.max(MAGIC.len() as u64);
-    file.seek(SeekFrom::Start(off))?;
-    let mut buf = Vec::new();
-    let mut buf_off = off;
-    let mut last_good_end = off;
-    let mut damaged = false;
+    let from = from.max(MAGIC.len() as u64);
+    let mut last_good_end = from;
+    let mut records = Records::new(file, from)?;
     loop {
-        let at = (off - buf_off) as usize;
-        match record::scan(&buf[at..]) {
-            Scan::Record { len: n, .. } => {
-                damaged = false;
-                off += n as u64;
-                last_good_end = off;
+        match records.next()? {
+            Next::Record { end, .. } => {
+                last_good_end = end;
                 s.records += 1;
-                if (Pos { seg: id, off }) <= loaded_to {
+                if (Pos { seg: id, off: end }) <= loaded_to {
                     s.maybe_sent += 1;
                 }
             }
-            Scan::Incomplete => {
-                if read_more(&mut file, &mut buf, &mut buf_off, off)? > 0 {
-                    continue;
-                }
-                let at = (off - buf_off) as usize;
-                if at < buf.len() {
-                    // A torn tail (the power went while this record was being written), or
-                    // a damaged length: what follows may still be good.
-                    s.corrupt += u64::from(!std::mem::replace(&mut damaged, true));
-                    off += resync(&buf[at..], true) as u64;
-                    continue;
-                }
-                if is_last && last_good_end < len {
-                    file.set_len(last_good_end)?;
-                    s.bytes = last_good_end;
-                }
-                break;
-            }
-            Scan::Bad => {
-                s.corrupt += u64::from(!std::mem::replace(&mut damaged, true));
-                off += resync(&buf[at..], false) as u64;
-            }
+            Next::Damage => s.corrupt += 1,
+            Next::End => break,
         }
+    }
+    if is_last && last_good_end < len {
+        // Appends continue after the last whole record.
+        records.file.set_len(last_good_end)?;
+        s.bytes = last_good_end;
     }
     Ok(Some(s))
 }
