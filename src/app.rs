@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::commands::{self, CommandContext};
-use crate::config::{BusConfig, Config, DeviceConfig, ReplayTopic};
+use crate::config::{BusConfig, Config, DeviceConfig};
 use crate::device::{
     self, BusContext, DecoderFactory, DeviceRuntime, InputPool, PortOpener, Registry, SerialOpener, State,
     SupervisorContext,
@@ -260,7 +260,7 @@ impl Core {
                     dir,
                     max_bytes: config.spool.max_bytes,
                     sync_interval: config.spool.sync_interval,
-                    one_stream: config.spool.replay_topic == ReplayTopic::Readings,
+                    one_stream: config.spool.one_stream(),
                     devices: units(config).len(),
                 };
                 let spool = Spool::new(settings, Arc::clone(&queue));
@@ -437,7 +437,7 @@ impl Core {
         let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING);
         let mut shared = MqttShared::new(Arc::clone(&self.queue), self.topics.clone(), qos, on_connect, on_drained)
             .with_subscriptions(filters, incoming_tx);
-        shared.replay_on_readings = config.spool.replay_topic == ReplayTopic::Readings;
+        shared.replay_on_readings = config.spool.one_stream();
         shared.catch_up_rate = config.mqtt.catch_up_rate;
         let shared = Arc::new(shared);
         let _ = final_metrics.set(self.metrics_fn(&shared));
@@ -488,8 +488,7 @@ impl Core {
         Box::new(move || {
             let shared = shared.upgrade().expect("metrics are made while their MQTT side lives");
             let config = config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let spool = spool.as_ref().map(|s| metrics::SpoolMetrics::from_stats(&s.stats));
-            metrics_message(&config, &registry.snapshot(), &shared, started, &command_stats, spool)
+            metrics_message(&config, &registry.snapshot(), &shared, started, &command_stats, spool.as_deref())
         })
     }
 
@@ -833,7 +832,7 @@ fn metrics_message(
     shared: &MqttShared,
     started: Instant,
     commands: &commands::Stats,
-    spool: Option<metrics::SpoolMetrics>,
+    spool: Option<&Spool>,
 ) -> Control {
     let m = metrics::snapshot(
         started.elapsed().as_secs(),
@@ -854,7 +853,7 @@ fn metrics_message(
             puback_refused: shared.puback_refusals(),
         },
         commands.snapshot(),
-        spool,
+        spool.map(|s| &s.stats),
     );
     let payload = serde_json::to_vec(&m).expect("metrics serialise");
     Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false, correlation: None }
@@ -913,7 +912,10 @@ async fn notify_loop(
         if let Some(spool) = &spool {
             match spool.stats.error() {
                 Some(e) => status += &format!("; SPOOL FAILING, memory only ({e})"),
-                None => status += &format!(", {} readings spooled", spool.stats.readings.load(Relaxed)),
+                None => {
+                    let spooled: u64 = shared.queue.stats().iter().map(|l| l.spooled).sum();
+                    status += &format!(", {spooled} readings spooled");
+                }
             }
         }
         let stale = live.stale(limit);

@@ -40,10 +40,11 @@ pub struct SpoolMetrics {
 }
 
 impl SpoolMetrics {
-    pub fn from_stats(s: &crate::spool::SpoolStats) -> Self {
+    /// `readings`: the lanes' `spooled`, from the same snapshot as the devices'.
+    fn new(s: &crate::spool::SpoolStats, readings: u64) -> Self {
         Self {
             bytes: s.bytes.load(Relaxed),
-            readings: s.readings.load(Relaxed),
+            readings,
             corrupt: s.corrupt.load(Relaxed),
             write_errors: s.write_errors.load(Relaxed),
             fsyncs: s.fsyncs.load(Relaxed),
@@ -201,7 +202,7 @@ pub fn snapshot<'a>(
     config: &crate::config::QueueConfig,
     mqtt: MqttMetrics,
     commands: CommandMetrics,
-    spool: Option<SpoolMetrics>,
+    spool: Option<&crate::spool::SpoolStats>,
 ) -> Metrics<'a> {
     let now_us = crate::telemetry::now_us();
     let counters: Vec<_> = devices
@@ -217,12 +218,7 @@ pub fn snapshot<'a>(
         })
         .collect();
     let lanes = queue.stats();
-    let mut spool = spool;
-    if let Some(s) = spool.as_mut() {
-        // Exact, from the same snapshot as the devices' `spooled` (the spool's own figure is
-        // as of its last round).
-        s.readings = lanes.iter().map(|l| l.spooled).sum();
-    }
+    let spool = spool.map(|s| SpoolMetrics::new(s, lanes.iter().map(|l| l.spooled).sum()));
     let (depth, bytes) = queue.depth();
     let ledger = queue.counters();
     let devices = devices

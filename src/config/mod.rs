@@ -174,6 +174,11 @@ impl SpoolConfig {
     pub fn path(&self, gateway: &GatewayConfig) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| gateway.state_dir().join(d))
     }
+
+    /// `replay_topic = "readings"`: one ordered stream per device.
+    pub fn one_stream(&self) -> bool {
+        self.replay_topic == ReplayTopic::Readings
+    }
 }
 
 /// `[spool] replay_topic`.

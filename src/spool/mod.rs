@@ -69,8 +69,9 @@ pub struct Settings {
 /// Counters for the metrics (`spool` object).
 #[derive(Debug, Default)]
 pub struct SpoolStats {
+    /// Bytes on disk, as of the spool's last round. (Readings in the spool are the lanes'
+    /// `spooled`, exact under the queue's lock.)
     pub bytes: AtomicU64,
-    pub readings: AtomicU64,
     pub corrupt: AtomicU64,
     pub write_errors: AtomicU64,
     pub fsyncs: AtomicU64,
@@ -473,8 +474,6 @@ impl Spool {
 
     fn publish_stats(&self, s: &Store) {
         self.stats.bytes.store(s.logs.values().map(DeviceLog::bytes).sum(), Relaxed);
-        let spooled: u64 = self.queue.stats().iter().map(|l| l.spooled).sum();
-        self.stats.readings.store(spooled, Relaxed);
         if s.failing.is_none() && self.stats.error().is_some() {
             tracing::info!(dir = %self.settings.dir.display(), "Spool: writing to disk again.");
             self.stats.set_error(None);
