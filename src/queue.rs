@@ -362,13 +362,15 @@ impl ReadingQueue {
             return None;
         }
         let ordered = q.spill.as_ref().is_some_and(|s| s.one_stream);
+        let recovered = q.spill.as_ref().is_none_or(|s| s.recovered);
         loop {
-            // One ordered stream per device: its live readings wait behind its spooled ones.
+            // One ordered stream per device: its live readings wait behind its spooled ones
+            // (all of them, until the spool has counted what it holds).
             let live = q
                 .lanes
                 .iter()
                 .enumerate()
-                .filter(|(_, l)| !(ordered && l.stats.spooled > 0))
+                .filter(|(_, l)| !(ordered && (!recovered || l.stats.spooled > 0)))
                 .filter_map(|(i, l)| Some((l.items.front()?.seq, i)))
                 .min();
             let (device, entry, replayed) = match live {

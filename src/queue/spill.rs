@@ -79,6 +79,9 @@ pub(super) struct SpillState {
     cap: usize,
     resolved: Vec<(usize, SpoolRef)>,
     link_up: bool,
+    /// The spool has counted what a previous run left (`restore`). Until then a device's
+    /// `spooled` may be short, so in one-stream mode no live reading may go first.
+    pub(super) recovered: bool,
 }
 
 impl SpillState {
@@ -125,6 +128,7 @@ impl ReadingQueue {
             cap: buffer_bytes,
             resolved: Vec::new(),
             link_up: false,
+            recovered: false,
         });
     }
 
@@ -221,6 +225,15 @@ impl ReadingQueue {
         s.restored += readings;
         s.spooled += readings;
         s.republished += maybe_sent;
+    }
+
+    /// The spool has read what a previous run left: live readings may go (one-stream mode
+    /// holds them back until then, so none overtakes a restored one).
+    pub fn spool_recovered(&self) {
+        if let Some(s) = self.lock().spill.as_mut() {
+            s.recovered = true;
+        }
+        self.notify.notify_one();
     }
 
     /// Room in a lane's backlog, when it is worth loading (at least half empty).

@@ -169,6 +169,7 @@ impl Spool {
         let me = Arc::clone(self);
         std::thread::Builder::new().name("spool".into()).spawn(move || {
             me.recover();
+            me.queue.spool_recovered();
             while !me.stop.load(Relaxed) {
                 let timeout = me.next_wait();
                 me.signal.wait(timeout);
