@@ -381,9 +381,14 @@ async fn a_damaged_spool_is_counted_and_the_rest_delivered() {
 async fn a_disk_that_refuses_writes_falls_back_to_memory_and_recovers() {
     let dir = common::tempdir();
     let (spool, device) = (dir.path().join("spool"), dir.path().join("d"));
-    let nobody = common::free_port();
+    // The subscriber's session is made before the outage, so that it misses nothing the
+    // gateway publishes the moment the broker is back (a subscriber that connects after the
+    // broker starts races the gateway's reconnect).
+    let mut broker = Mosquitto::start_with(true);
+    let mut sub = Subscriber::connect_with(broker.port, "sensorgate/it/#", Some("efbig-sub")).await;
+    broker.stop_gracefully();
     let mut pty = PtyLink::create(&device).unwrap();
-    let text = config(nobody, &spool, "max_bytes = \"1MiB\"", "[queue]\nmax_readings = 50", &[("d", &device)]);
+    let text = config(broker.port, &spool, "max_bytes = \"1MiB\"", "[queue]\nmax_readings = 50", &[("d", &device)]);
     let gw = Gateway::start_configured(dir.path(), &text, &[], |c| {
         use std::os::unix::process::CommandExt;
         // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child before exec.
@@ -417,8 +422,7 @@ async fn a_disk_that_refuses_writes_falls_back_to_memory_and_recovers() {
     wait_until(Duration::from_secs(10), "the new readings in the spool", || spooled_numbers(&spool).contains(&499))
         .await;
 
-    let broker = Mosquitto::start_on(nobody, false);
-    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
+    broker.restart();
     let mut seen = Seen::default();
     let last = collect_until(&mut sub, &mut seen, Duration::from_secs(20), |v| settled(v, &["d"], 500)).await;
     let d = &last["devices"]["d"];
@@ -427,7 +431,8 @@ async fn a_disk_that_refuses_writes_falls_back_to_memory_and_recovers() {
     assert_eq!(n(d, "delivered") + n(d, "dropped_oldest"), 500, "{d}");
     let sp = &last["spool"];
     assert!(n(sp, "write_errors") >= 1 && sp["error"].is_null(), "{sp}");
-    assert!(seen.all("d").iter().filter(|&&x| x >= 300).count() == 200, "everything after the recovery arrived");
+    let after: BTreeSet<u64> = seen.all("d").into_iter().filter(|&x| x >= 300).collect();
+    assert_eq!(after, (300..500).collect::<BTreeSet<_>>(), "everything after the recovery arrived");
     drop(gw);
 }
 

@@ -86,7 +86,9 @@ impl Mosquitto {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        // Appended across restarts: a failing test prints the whole of it (see Drop).
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new(mosquitto_binary())
             .arg("-c")
             .arg(&conf)
@@ -128,6 +130,11 @@ impl Mosquitto {
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.stop();
+        // Why a broker closed a connection is only in its log: show it when the test failed.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default();
+            eprintln!("---- mosquitto log (port {}) ----\n{log}", self.port);
+        }
     }
 }
 
