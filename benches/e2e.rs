@@ -298,7 +298,8 @@ fn floor_forwarder(arg: &str) {
             keep_alive_s: 0,
             login: None,
             will_topic: "sensorgate/b/floor",
-            will_payload: "offline",
+            will_payload: b"offline",
+            will_retain: true,
             receive_max: 64,
             max_incoming: 4096,
         };

@@ -2,21 +2,22 @@
 # README's test command. The end-to-end tests start a real mosquitto on 127.0.0.1; if it is
 # missing and we may install packages, install it first. The interoperability tests
 # (tests/interop.rs) also need amqtt (PyPI) and aedes (npm), and the Modbus tests against a
-# slave we did not write (tests/modbus_pymodbus.rs) pymodbus with pyserial (PyPI): installed below into
+# slave we did not write (tests/modbus_pymodbus.rs) pymodbus with pyserial (PyPI), and the Sparkplug
+# tests (tests/sparkplug.rs) the decoder pysparkplug (PyPI): installed below into
 # $SG_INTEROP_DIR (default ~/.cache/sensorgate/interop, outside the checkout so that a fresh
 # clone, as in CI, does not install them again), once; later runs only check the versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+if ! { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; } || ! command -v mosquitto_pub >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "mosquitto not found: installing it from Debian's packages" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+        echo "mosquitto or mosquitto_pub not found: installing them from Debian's packages" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
     elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-        echo "mosquitto not found: installing it with sudo apt-get" >&2
-        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+        echo "mosquitto or mosquitto_pub not found: installing them with sudo apt-get" >&2
+        sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
     else
-        echo "mosquitto not found and cannot be installed here; install it (e.g. apt-get install mosquitto) and retry" >&2
+        echo "mosquitto not found and cannot be installed here; install it (e.g. apt-get install mosquitto mosquitto-clients) and retry" >&2
         exit 1
     fi
 fi
@@ -26,25 +27,31 @@ AMQTT_VERSION=0.12.1
 AEDES_VERSION=1.2.0
 PYMODBUS_VERSION=3.16.1
 PYSERIAL_VERSION=3.5
+PYSPARKPLUG_VERSION=0.6.1
 export SG_INTEROP_DIR="${SG_INTEROP_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sensorgate/interop}"
 mkdir -p "$SG_INTEROP_DIR"
 
-venv="$SG_INTEROP_DIR/amqtt-venv"
-if [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("amqtt"))' 2>/dev/null)" != "$AMQTT_VERSION" ]; then
-    echo "installing amqtt $AMQTT_VERSION (PyPI) into $venv" >&2
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "amqtt==$AMQTT_VERSION"
-fi
+# A venv under $SG_INTEROP_DIR with exactly these PyPI packages, made again when a version differs.
+pip_venv() {
+    local venv="$SG_INTEROP_DIR/$1" want="" names="" spec
+    shift
+    for spec in "$@"; do
+        want="$want ${spec#*==}"
+        names="$names, m.version(\"${spec%%==*}\")"
+    done
+    local have
+    have=" $("$venv/bin/python" -c "import importlib.metadata as m; print(*[${names#, }])" 2>/dev/null || true)"
+    if [ "$have" != "$want" ]; then
+        echo "installing $* (PyPI) into $venv" >&2
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "$@"
+    fi
+}
 
-venv="$SG_INTEROP_DIR/pymodbus-venv"
-versions='import importlib.metadata as m; print(m.version("pymodbus"), m.version("pyserial"))'
-if [ "$("$venv/bin/python" -c "$versions" 2>/dev/null)" != "$PYMODBUS_VERSION $PYSERIAL_VERSION" ]; then
-    echo "installing pymodbus $PYMODBUS_VERSION and pyserial $PYSERIAL_VERSION (PyPI) into $venv" >&2
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "pymodbus==$PYMODBUS_VERSION" "pyserial==$PYSERIAL_VERSION"
-fi
+pip_venv amqtt-venv "amqtt==$AMQTT_VERSION"
+pip_venv pymodbus-venv "pymodbus==$PYMODBUS_VERSION" "pyserial==$PYSERIAL_VERSION"
+pip_venv sparkplug-venv "pysparkplug==$PYSPARKPLUG_VERSION"
 
 aedes="$SG_INTEROP_DIR/aedes"
 if [ "$(node -p "require('$aedes/node_modules/aedes/package.json').version" 2>/dev/null)" != "$AEDES_VERSION" ]; then

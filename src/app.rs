@@ -27,6 +27,7 @@ use crate::metrics::{self, MqttMetrics};
 use crate::mqtt::{self, MqttShared};
 use crate::queue::{Control, LaneStats, ReadingQueue};
 use crate::reading::PacketLimit;
+use crate::sparkplug::SparkplugOutput;
 use crate::spool::{self, Spool};
 use crate::telemetry;
 use crate::topics::Topics;
@@ -40,6 +41,10 @@ const INCOMING: usize = 32;
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 const CONNECTION: &str = "mqtt-connection";
+/// The Sparkplug connection task's liveness name.
+const SPARKPLUG: &str = "sparkplug-connection";
+/// The Sparkplug output's time to send its NDEATH when the main drain used the whole deadline.
+const SPARKPLUG_GRACE: Duration = Duration::from_secs(1);
 
 /// The seams: where ports come from, which decoders run, whether backoff is jittered, how
 /// many input threads the stream devices share.
@@ -176,6 +181,11 @@ struct Core {
     inputs: Arc<InputPool>,
     /// The spool and its thread, when `[spool] dir` is set.
     spool: Option<SpoolAndThread>,
+    /// The Sparkplug B output, when enabled (taken at shutdown).
+    sparkplug: std::sync::Mutex<Option<SparkplugOutput>>,
+    /// Its queue, which every device's readings also go to.
+    sparkplug_queue: Option<Arc<ReadingQueue>>,
+    sparkplug_stats: Option<(Arc<crate::sparkplug::Stats>, Arc<MqttShared>)>,
 }
 
 /// What owns a port and is supervised on its own: a listening device, or a Modbus bus with
@@ -269,19 +279,34 @@ impl Core {
             }
             None => None,
         };
+        let registry: Arc<Registry> = Arc::default();
+        let live = Liveness::new([CONNECTION.to_string()]);
+        let draining = CancellationToken::new();
+        let sparkplug = if config.sparkplug.enabled {
+            let beat = live.beat_for(SPARKPLUG);
+            Some(
+                SparkplugOutput::start(config, Arc::clone(&registry), beat, draining.clone(), hooks.jitter)
+                    .map_err(AppError::Setup)?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             started: Instant::now(),
             config: Arc::new(RwLock::new(config.clone())),
             topics,
             queue,
             packet_limit: PacketLimit::new(config.mqtt.max_packet_size as usize),
-            registry: Arc::default(),
-            live: Liveness::new([CONNECTION.to_string()]),
+            registry,
+            live,
+            sparkplug_queue: sparkplug.as_ref().map(|s| Arc::clone(&s.queue)),
+            sparkplug_stats: sparkplug.as_ref().map(|s| (Arc::clone(&s.stats), Arc::clone(&s.shared))),
+            sparkplug: std::sync::Mutex::new(sparkplug),
             discovery: Arc::new(std::sync::Mutex::new(discovery)),
             command_stats: Arc::default(),
             hooks,
             devices_stop: CancellationToken::new(),
-            draining: CancellationToken::new(),
+            draining,
             inputs,
             spool,
         })
@@ -360,7 +385,8 @@ impl Core {
                 let lane = self.queue.add_lane(&config.name);
                 let limit = self.packet_limit.for_topic(&self.topics.readings(&config.name));
                 let state_topic = self.topics.device_state(&config.name);
-                DeviceRuntime::new(lane, config, state_topic, limit)
+                let also = self.sparkplug_queue.iter().map(|q| (Arc::clone(q), q.add_lane(&config.name))).collect();
+                DeviceRuntime::new(lane, config, state_topic, limit).with_outputs(also)
             }
         };
         Arc::new(runtime.with_writes(writes.cloned()))
@@ -485,10 +511,12 @@ impl Core {
             (Arc::clone(&self.config), Arc::clone(&self.registry), Arc::downgrade(shared), self.started);
         let command_stats = Arc::clone(&self.command_stats);
         let spool = self.spool.as_ref().map(|(s, _)| Arc::clone(s));
+        let sparkplug = self.sparkplug_stats.clone();
         Box::new(move || {
             let shared = shared.upgrade().expect("metrics are made while their MQTT side lives");
             let config = config.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            metrics_message(&config, &registry.snapshot(), &shared, started, &command_stats, spool.as_deref())
+            let devices = registry.snapshot();
+            metrics_message(&config, &devices, &shared, started, &command_stats, spool.as_deref(), sparkplug.as_ref())
         })
     }
 
@@ -510,6 +538,9 @@ impl Core {
             tracing::warn!(
                 "The [spool] settings and gateway.state_dir apply at the next restart; keeping the running ones."
             );
+        }
+        if next.sparkplug != old.sparkplug {
+            tracing::warn!("The [sparkplug] settings apply at the next restart; keeping the running ones.");
         }
         if next.queue != old.queue {
             let evicted =
@@ -685,6 +716,11 @@ impl Core {
             telemetry::shutdown_stage("the MQTT connection task, told to stop at once");
             let _ = side.conn.await;
         }
+        let sparkplug = self.sparkplug.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(sp) = sparkplug {
+            telemetry::shutdown_stage("the Sparkplug connection (its queue, then NDEATH)");
+            sp.finish(deadline.max(Instant::now() + SPARKPLUG_GRACE)).await;
+        }
         telemetry::shutdown_stage("the metrics and command tasks");
         for h in side.helpers {
             let _ = h.await;
@@ -833,8 +869,9 @@ fn metrics_message(
     started: Instant,
     commands: &commands::Stats,
     spool: Option<&Spool>,
+    sparkplug: Option<&(Arc<crate::sparkplug::Stats>, Arc<MqttShared>)>,
 ) -> Control {
-    let m = metrics::snapshot(
+    let mut m = metrics::snapshot(
         started.elapsed().as_secs(),
         devices,
         &shared.queue,
@@ -855,6 +892,7 @@ fn metrics_message(
         commands.snapshot(),
         spool.map(|s| &s.stats),
     );
+    m.sparkplug = sparkplug.map(|(stats, conn)| metrics::OutputMetrics::sparkplug(&conn.queue, conn, stats));
     let payload = serde_json::to_vec(&m).expect("metrics serialise");
     Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false, correlation: None }
 }

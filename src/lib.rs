@@ -31,6 +31,8 @@
 //! - [`mqtt`]: the connection task (the only MQTT client code): codec, connect, session.
 //! - [`telemetry`]: counters and log-and-count events; [`metrics`]: the metrics payload.
 //! - [`commands`]: commands over MQTT ([`command`]: their names, a leaf).
+//! - [`sparkplug`]: the Sparkplug B output, a second queue and connection the readings fan
+//!   out to (its profile plugs into [`mqtt`]'s connection task).
 //! - [`app`]: wiring and phased shutdown; [`simulate`]: simulated sensors and Modbus slaves.
 
 pub mod app;
@@ -52,6 +54,7 @@ pub mod queue;
 pub mod reading;
 pub mod reject;
 pub mod simulate;
+pub mod sparkplug;
 pub mod spool;
 pub mod telemetry;
 pub mod topics;

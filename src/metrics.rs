@@ -20,7 +20,84 @@ pub struct Metrics<'a> {
     /// Present when `[spool] dir` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spool: Option<SpoolMetrics>,
+    /// Present when `[sparkplug] enabled`: that output's own connection and accounting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sparkplug: Option<OutputMetrics>,
     pub devices: BTreeMap<&'a str, DeviceMetrics>,
+}
+
+/// An output other than the main one (Sparkplug B): its connection, its queue, and per device
+/// `readings = delivered + dropped_oldest + expired + poisoned + queued + in_flight`, exact
+/// (one lock).
+#[derive(Debug, Serialize)]
+pub struct OutputMetrics {
+    pub connected: bool,
+    pub reconnects: u64,
+    pub connection_errors: u64,
+    pub last_error: Option<String>,
+    /// `bdSeq` of the current (or next) connection.
+    pub bd_seq: u64,
+    pub rebirths_requested: u64,
+    pub commands_ignored: u64,
+    /// Readings without a field a metric can carry.
+    pub skipped: u64,
+    pub bd_seq_write_errors: u64,
+    pub queue: OutputQueue,
+    pub devices: BTreeMap<String, OutputDevice>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutputQueue {
+    pub readings: usize,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutputDevice {
+    pub readings: u64,
+    pub delivered: u64,
+    pub dropped_oldest: u64,
+    pub expired: u64,
+    pub poisoned: u64,
+    pub queued: u64,
+    pub in_flight: u64,
+}
+
+impl OutputMetrics {
+    /// The Sparkplug output's metrics from its queue, connection and counters.
+    pub fn sparkplug(queue: &ReadingQueue, mqtt: &crate::mqtt::MqttShared, s: &crate::sparkplug::Stats) -> Self {
+        let lanes = queue.stats();
+        let (readings, bytes) = queue.depth();
+        let devices = lanes
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let d = OutputDevice {
+                    readings: l.readings,
+                    delivered: l.delivered,
+                    dropped_oldest: l.dropped_oldest,
+                    expired: l.expired,
+                    poisoned: l.poisoned,
+                    queued: l.queued,
+                    in_flight: l.in_flight,
+                };
+                (queue.lane_name(i).to_string(), d)
+            })
+            .collect();
+        Self {
+            connected: mqtt.is_connected(),
+            reconnects: mqtt.reconnects.load(Relaxed),
+            connection_errors: mqtt.connection_errors.load(Relaxed),
+            last_error: mqtt.last_error(),
+            bd_seq: s.bd_seq.load(Relaxed),
+            rebirths_requested: s.rebirths_requested.load(Relaxed),
+            commands_ignored: s.commands_ignored.load(Relaxed),
+            skipped: s.skipped.load(Relaxed),
+            bd_seq_write_errors: s.bd_seq_write_errors.load(Relaxed),
+            queue: OutputQueue { readings, bytes },
+            devices,
+        }
+    }
 }
 
 /// The store-and-forward spool.
@@ -266,6 +343,7 @@ pub fn snapshot<'a>(
         mqtt,
         commands,
         spool,
+        sparkplug: None,
         devices,
     }
 }

@@ -194,6 +194,22 @@ fn log_dropped(device: &str, a: Admitted) {
     );
 }
 
+/// Another output's queue (Sparkplug) dropped its oldest readings to take this one. Counted
+/// per device in that output's lane stats (its metrics); logged at each doubling of the total,
+/// so a broker that stays away cannot flood the journal.
+pub fn other_output_dropped(device: &str, evicted: u32) {
+    static TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let before = TOTAL.fetch_add(u64::from(evicted), Relaxed);
+    let after = before + u64::from(evicted);
+    if after.next_power_of_two() != before.next_power_of_two() || before == 0 {
+        tracing::error!(
+            device,
+            dropped_total = after,
+            "Sparkplug queue full: dropped the oldest readings (its broker is slow or away)."
+        );
+    }
+}
+
 /// The sensor's frame counter skipped ahead. Logged within [`LogLimit`], with the frames
 /// missing since the last line.
 pub fn sequence_gap(device: &str, counters: &DeviceCounters, missing: u64) {

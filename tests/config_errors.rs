@@ -117,6 +117,12 @@ fn corpus(dir: &Path) -> Vec<Case> {
         // --- the spool: a directory that cannot be created, bounds ---
         case("spool dir under a file", cfg(&format!("[spool]\ndir = \"{some_file}/spool\"\n"), ""), "spool.dir", &["the spool directory", "cannot be used"], "create it writable"),
         case("spool too small", cfg("[spool]\ndir = \"/tmp\"\nmax_bytes = \"1KiB\"\n", ""), "spool.max_bytes", &["at least 64KiB"], "256MiB"),
+        // --- Sparkplug B ---
+        case("sparkplug without group_id", cfg("[sparkplug]\nenabled = true\n", ""), "sparkplug.group_id", &["must be set"], "group_id = \"plant-1\""),
+        case("sparkplug group_id with a slash", cfg("[sparkplug]\nenabled = true\ngroup_id = \"a/b\"\n", ""), "sparkplug.group_id", &["without '/'"], "plant-1"),
+        case("sparkplug primary host with a wildcard", cfg("[sparkplug]\nenabled = true\ngroup_id = \"g\"\nprimary_host_id = \"scada#\"\n", ""), "sparkplug.primary_host_id", &["'#'"], "spBv1.0/STATE/<id>"),
+        case("unknown key in [sparkplug.mqtt]", cfg("[sparkplug]\nenabled = true\ngroup_id = \"g\"\n[sparkplug.mqtt]\nhostname = \"x\"\n", ""), "sparkplug.mqtt.hostname", &["unknown field `hostname`"], FIX_UNKNOWN)
+            .at("hostname"),
         case("catch_up_rate zero", cfg("[mqtt]\ncatch_up_rate = 0\n", ""), "mqtt.catch_up_rate", &["at least 1"], "twice the input rate"),
         // --- values that do not parse ---
         case("bad duration", cfg("", "idle_timeout = \"3 parsecs\"\n"), "device[0].idle_timeout", &["invalid duration \"3 parsecs\""], FIX_DURATION)

@@ -34,6 +34,8 @@ pub struct Config {
     #[serde(default)]
     pub spool: SpoolConfig,
     #[serde(default)]
+    pub sparkplug: SparkplugConfig,
+    #[serde(default)]
     pub homeassistant: HomeAssistantConfig,
     #[serde(default)]
     pub commands: CommandsConfig,
@@ -178,6 +180,66 @@ impl SpoolConfig {
     /// `replay_topic = "readings"`: one ordered stream per device.
     pub fn one_stream(&self) -> bool {
         self.replay_topic == ReplayTopic::Readings
+    }
+}
+
+/// `[sparkplug]`: a second output, Sparkplug B 3.0, on its own connection (see
+/// [`crate::sparkplug`]).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub group_id: String,
+    /// Default: `gateway.id`.
+    pub edge_node_id: Option<String>,
+    /// Births and data only while `spBv1.0/STATE/<primary_host_id>` says online.
+    pub primary_host_id: Option<String>,
+    /// `[sparkplug.mqtt]`: what differs from `[mqtt]` for the Sparkplug broker.
+    #[serde(default)]
+    pub mqtt: SparkplugMqtt,
+}
+
+/// `[sparkplug.mqtt]`: each key present replaces `[mqtt]`'s.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparkplugMqtt {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// Default: `<mqtt client id>-sparkplug`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub tls: Option<TlsConfig>,
+}
+
+impl SparkplugConfig {
+    /// The edge node id: `edge_node_id`, or the gateway's id.
+    pub fn edge_node(&self, gateway: &GatewayConfig) -> String {
+        self.edge_node_id.clone().unwrap_or_else(|| gateway.id.clone())
+    }
+}
+
+impl Config {
+    /// The Sparkplug connection's settings: `[mqtt]` with `[sparkplug.mqtt]` over it, QoS 0
+    /// (Sparkplug's rule for everything but the will).
+    pub fn sparkplug_mqtt(&self) -> Config {
+        let o = &self.sparkplug.mqtt;
+        let mut c = self.clone();
+        let m = &mut c.mqtt;
+        m.host = o.host.clone().unwrap_or_else(|| m.host.clone());
+        m.port = o.port.unwrap_or(m.port);
+        m.client_id = Some(o.client_id.clone().unwrap_or_else(|| format!("{}-sparkplug", self.client_id())));
+        if o.username.is_some() {
+            m.username = o.username.clone();
+            m.password_file = o.password_file.clone();
+        }
+        if o.tls.is_some() {
+            m.tls = o.tls.clone();
+        }
+        m.qos = 0;
+        c
     }
 }
 

@@ -211,6 +211,7 @@ impl Config {
             p.push(Problem::new("queue.max_bytes", "must be at least 1KiB", "use e.g. \"8MiB\""));
         }
         self.validate_spool(&mut p);
+        self.validate_sparkplug(&mut p);
         if self.devices.is_empty() && self.buses.is_empty() {
             p.push(Problem::new(
                 "device",
@@ -250,6 +251,47 @@ impl Config {
                     "create it writable for the gateway's user (the systemd unit's StateDirectory= does), or choose another",
                 ));
             }
+        }
+    }
+
+    fn validate_sparkplug(&self, p: &mut Vec<Problem>) {
+        let s = &self.sparkplug;
+        if !s.enabled {
+            return;
+        }
+        // Sparkplug ids are topic levels: no separators or wildcards, not empty.
+        let bad = |id: &str| id.is_empty() || id.contains(['/', '+', '#']);
+        if bad(&s.group_id) {
+            p.push(Problem::new(
+                "sparkplug.group_id",
+                "must be set, without '/', '+' or '#'",
+                "name the group of edge nodes, e.g. group_id = \"plant-1\"",
+            ));
+        }
+        if bad(&s.edge_node(&self.gateway)) {
+            p.push(Problem::new("sparkplug.edge_node_id", "must not contain '/', '+' or '#'", "e.g. \"greenhouse\""));
+        }
+        if s.primary_host_id.as_deref().is_some_and(bad) {
+            p.push(Problem::new(
+                "sparkplug.primary_host_id",
+                "must not be empty or contain '/', '+' or '#'",
+                "the host application's id, as in spBv1.0/STATE/<id>",
+            ));
+        }
+        for d in
+            self.devices.iter().map(|d| &d.name).chain(self.buses.iter().flat_map(|b| b.slaves.iter().map(|s| &s.name)))
+        {
+            if d.contains(['+', '#']) {
+                p.push(Problem::new(
+                    "sparkplug.enabled",
+                    format!("device {d:?} cannot be a Sparkplug device id"),
+                    "rename it",
+                ));
+            }
+        }
+        let m = self.sparkplug_mqtt();
+        if let Some(problem) = m.mqtt.cleartext_credentials() {
+            p.push(Problem { key: "sparkplug.mqtt.username".into(), ..problem });
         }
     }
 

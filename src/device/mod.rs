@@ -89,6 +89,8 @@ pub struct DeviceRuntime {
     /// Its decoder once took longer than `session::SLOW_DECODE` over a read: from then on it
     /// decodes on a thread of its own, not on the input thread it shares.
     pub decodes_alone: std::sync::atomic::AtomicBool,
+    /// The other outputs' queues (Sparkplug) and the device's lane in each.
+    pub also: crate::input::OtherOutputs,
 }
 
 impl DeviceRuntime {
@@ -104,7 +106,13 @@ impl DeviceRuntime {
             restart: tokio::sync::Notify::new(),
             writes: None,
             decodes_alone: Default::default(),
+            also: Arc::default(),
         }
+    }
+
+    /// The same runtime, its readings also going to `also` (other outputs' queues and lanes).
+    pub fn with_outputs(self, also: crate::input::OtherOutputs) -> Self {
+        Self { also, ..self }
     }
 
     /// The same runtime, its writes going to `writes` (a Modbus slave's bus).
@@ -124,6 +132,7 @@ impl DeviceRuntime {
             restart: tokio::sync::Notify::new(),
             writes: None,
             decodes_alone: Default::default(),
+            also: Arc::clone(&self.also),
         }
     }
 
@@ -138,6 +147,7 @@ impl DeviceRuntime {
             lane: self.index,
             counters: Arc::clone(&self.counters),
             packet_limit: self.packet_limit.clone(),
+            also: Arc::clone(&self.also),
         };
         ReadingSink::new(self.name(), self.config.channels(), to)
     }

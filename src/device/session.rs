@@ -95,7 +95,7 @@ async fn run_stream(
             Err(e) => return SessionEnd::Io(e),
         }
     } else {
-        Decoding::Inline(input)
+        Decoding::Inline(Box::new(input))
     };
     let idle = dev.config.idle_timeout;
     let mut idle_deadline = Instant::now() + idle;
@@ -171,8 +171,9 @@ pub const SLOW_DECODE: Duration = Duration::from_millis(20);
 
 /// Where a session's bytes are decoded.
 enum Decoding {
-    /// In the session's task, on its input thread: no hand-over, no extra wake-up.
-    Inline(StreamInput),
+    /// In the session's task, on its input thread: no hand-over, no extra wake-up. Boxed: the
+    /// input is ten times the size of the other variants.
+    Inline(Box<StreamInput>),
     /// On the device's own decode thread (its decoder proved slow).
     Alone(DecodeThread),
     /// Only while moving from one to the other.
@@ -236,7 +237,7 @@ impl Decoding {
             "Decoding one read took too long; this device now decodes on a thread of its own, so that it delays no other device."
         );
         dev.decodes_alone.store(true, Relaxed);
-        *self = Decoding::Alone(DecodeThread::start(dev.name(), input)?);
+        *self = Decoding::Alone(DecodeThread::start(dev.name(), *input)?);
         Ok(())
     }
 

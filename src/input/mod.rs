@@ -17,6 +17,10 @@ use crate::reading::{PacketLimit, PayloadBuilder};
 use crate::reject::Reject;
 use crate::telemetry::{self, DeviceCounters};
 
+/// The queues of the outputs other than the main one (Sparkplug), each with the device's lane
+/// in it. Shared: one pointer in every sink.
+pub type OtherOutputs = Arc<[(Arc<ReadingQueue>, usize)]>;
+
 /// One device's share of the shared state: its lane in the queue, its counters and the
 /// packet limit its readings must fit.
 #[derive(Debug, Clone)]
@@ -25,6 +29,8 @@ pub struct SinkTarget {
     pub lane: usize,
     pub counters: Arc<DeviceCounters>,
     pub packet_limit: PacketLimit,
+    /// The other outputs' queues (Sparkplug) and this device's lane in each.
+    pub also: OtherOutputs,
 }
 
 /// Where one device's readings go: fields → payload → sequence check → packet-size check →
@@ -96,6 +102,14 @@ impl ReadingSink {
         }
         counters.readings.store(seq, Relaxed);
         counters.last_reading_us.store(received_at_us, Relaxed);
+        // Every output gets the same bytes (a reference count): no copy per output.
+        for (queue, lane) in self.to.also.iter() {
+            let outcome = queue.push(*lane, payload.clone());
+            if outcome.evicted > 0 {
+                // Counted in that output's lane stats (its metrics); logged sparingly here.
+                telemetry::other_output_dropped(name, outcome.evicted);
+            }
+        }
         let outcome = self.to.queue.push(self.to.lane, payload);
         if outcome.evicted > 0 {
             telemetry::readings_dropped(name, counters, outcome.evicted);
@@ -141,6 +155,7 @@ mod tests {
             lane: 0,
             counters: Arc::clone(&counters),
             packet_limit: PacketLimit::new(200).for_topic("t"),
+            also: Arc::default(),
         };
         let mut sink = ReadingSink::new("d", &[], to);
         sink.reject(Reject::Oversize);

@@ -163,7 +163,9 @@ pub struct ConnectSpec<'a> {
     pub keep_alive_s: u16,
     pub login: Option<(&'a str, &'a str)>,
     pub will_topic: &'a str,
-    pub will_payload: &'a str,
+    pub will_payload: &'a [u8],
+    /// The JSON profile's `offline` is retained; Sparkplug's NDEATH is not.
+    pub will_retain: bool,
     /// MQTT 5: the most PUBLISHes we accept in flight, and the largest packet we accept.
     pub receive_max: u16,
     pub max_incoming: usize,
@@ -173,8 +175,8 @@ fn codec_err(e: impl std::fmt::Debug) -> EncodeError {
     EncodeError::Codec(format!("{e:?}"))
 }
 
-/// CONNECT with a clean session (the queue, not the broker, holds our backlog) and a
-/// retained QoS 1 last will.
+/// CONNECT with a clean session (the queue, not the broker, holds our backlog) and a QoS 1
+/// last will.
 ///
 /// # Errors
 /// A field does not fit MQTT.
@@ -189,7 +191,7 @@ pub fn put_connect(b: &mut BytesMut, version: Version, c: &ConnectSpec<'_>) -> R
             let mut connect = v4::Connect::new(c.client_id);
             connect.keep_alive = c.keep_alive_s;
             connect.clean_session = true;
-            connect.last_will = Some(v4::LastWill::new(c.will_topic, c.will_payload, QoS::AtLeastOnce, true));
+            connect.last_will = Some(v4::LastWill::new(c.will_topic, c.will_payload, QoS::AtLeastOnce, c.will_retain));
             connect.login = c.login.map(|(u, p)| v4::Login::new(u, p));
             connect.write(b).map_err(codec_err)?;
         }
@@ -205,7 +207,7 @@ pub fn put_connect(b: &mut BytesMut, version: Version, c: &ConnectSpec<'_>) -> R
                 max_packet_size: Some(u32::try_from(c.max_incoming).unwrap_or(u32::MAX)),
                 ..Default::default()
             });
-            let will = v5::LastWill::new(c.will_topic, c.will_payload, v5q::QoS::AtLeastOnce, true, None);
+            let will = v5::LastWill::new(c.will_topic, c.will_payload, v5q::QoS::AtLeastOnce, c.will_retain, None);
             let login = c.login.map(|(u, p)| v5::Login::new(u, p));
             v5::Packet::Connect(connect, Some(will), login).write(b, None).map_err(codec_err)?;
         }

@@ -63,6 +63,47 @@ pub struct Link {
     pub generation: u64,
 }
 
+/// One message a [`Profile`] has the connection send: QoS 0, not retained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publish {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// A last will: QoS 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// An output profile that decides itself what goes on the wire (Sparkplug B): its will,
+/// subscriptions, births and deaths, and what a reading becomes. The connection keeps doing
+/// the rest (batched writes, pings, reconnects, the ledger). Without one, a connection
+/// publishes the JSON profile: readings as they are, the queue's control messages, and
+/// `online` / `offline`. A profile's publishes are QoS 0, and its readings count as delivered
+/// once written, as QoS 0 readings do.
+pub trait Profile: Send {
+    /// The will of the next connection attempt.
+    fn will(&mut self) -> Will;
+    /// Filters to subscribe to on every connection, before anything is published.
+    fn subscriptions(&self) -> Vec<String>;
+    fn connected(&mut self);
+    fn disconnected(&mut self);
+    /// Whether readings may be taken from the queue now (else they wait there).
+    fn may_publish(&self) -> bool;
+    /// Publishes due now, whatever the readings (births, deaths, node data).
+    fn due(&mut self, out: &mut Vec<Publish>);
+    /// The publishes of one reading of the device called `device`; false when it cannot be
+    /// published at all (dropped, and the profile counts and logs it).
+    fn reading(&mut self, device: &str, payload: &[u8], out: &mut Vec<Publish>) -> bool;
+    /// A message on one of the subscriptions.
+    fn incoming(&mut self, message: &Message);
+    /// The last publish before a clean disconnect.
+    fn farewell(&mut self) -> Option<Publish>;
+}
+
 /// Why a connection attempt failed or a connection ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
@@ -222,6 +263,8 @@ pub struct MqttShared {
     /// recovery, so the metrics can show what happened).
     last_error: Mutex<Option<String>>,
     pub connection_errors: AtomicU64,
+    /// What this connection publishes, when it is not the JSON profile.
+    profile: Option<Mutex<Box<dyn Profile>>>,
 }
 
 impl MqttShared {
@@ -256,7 +299,23 @@ impl MqttShared {
             client_id_conflict: AtomicBool::new(false),
             last_error: Mutex::default(),
             connection_errors: AtomicU64::new(0),
+            profile: None,
         }
+    }
+
+    /// Publishes what `profile` decides instead of the JSON profile (see [`Profile`]).
+    pub fn with_profile(mut self, profile: Box<dyn Profile>) -> Self {
+        self.subscriptions = profile.subscriptions();
+        self.profile = Some(Mutex::new(profile));
+        self
+    }
+
+    fn profile(&self) -> Option<std::sync::MutexGuard<'_, Box<dyn Profile>>> {
+        self.profile.as_ref().map(|p| p.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub fn has_profile(&self) -> bool {
+        self.profile.is_some()
     }
 
     /// Subscribes to `filters` on every connection and hands what arrives to `incoming`.
@@ -387,16 +446,20 @@ pub async fn run_connection(
     let mut retry = Retry { jitter: backoff.has_jitter(), backoff, refused_since: None };
     let mut tick = liveness::ticker();
     let login = opts.login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
-    let spec = codec::ConnectSpec {
-        client_id: &opts.client_id,
-        keep_alive_s: opts.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
-        login,
-        will_topic: &opts.will_topic,
-        will_payload: "offline",
-        receive_max: 64,
-        max_incoming: MAX_INCOMING,
-    };
+    let json_will = Will { topic: opts.will_topic.clone(), payload: b"offline".to_vec(), retain: true };
     loop {
+        // A profile's will changes per connection (Sparkplug's bdSeq).
+        let will = shared.profile().map_or_else(|| json_will.clone(), |mut p| p.will());
+        let spec = codec::ConnectSpec {
+            client_id: &opts.client_id,
+            keep_alive_s: opts.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
+            login,
+            will_topic: &will.topic,
+            will_payload: &will.payload,
+            will_retain: will.retain,
+            receive_max: 64,
+            max_incoming: MAX_INCOMING,
+        };
         let attempt = tokio::select! {
             biased;
             _ = stops.hard_stop.cancelled() => return,
@@ -412,11 +475,15 @@ pub async fn run_connection(
                     shared.reconnects.fetch_add(1, Relaxed);
                 }
                 tracing::info!(broker = %connector.describe(), version = ?opts.version, "Connected to the MQTT broker.");
-                // The broker may have lost retained state (restart without persistence): send it all.
-                for c in (shared.on_connect)() {
-                    shared.queue.push_control(c);
+                if let Some(mut p) = shared.profile() {
+                    p.connected();
+                } else {
+                    // The broker may have lost retained state (restart without persistence): send it all.
+                    for c in (shared.on_connect)() {
+                        shared.queue.push_control(c);
+                    }
+                    shared.queue.push_control_first(shared.availability(true));
                 }
-                shared.queue.push_control_first(shared.availability(true));
                 shared.connected.send_modify(|l| *l = Link { up: true, generation: l.generation + 1 });
                 shared.queue.set_link_up(true);
                 let began = Instant::now();
@@ -424,6 +491,9 @@ pub async fn run_connection(
                 let end = session.run(hs.stream, hs.leftover).await;
                 shared.connected.send_modify(|l| l.up = false);
                 shared.queue.set_link_up(false);
+                if let Some(mut p) = shared.profile() {
+                    p.disconnected();
+                }
                 let poisoned = matches!(&end, Err(e) if e.broker_hung_up()) && session.strike_suspect();
                 if poisoned {
                     // Those quick hang-ups were about that reading, not another client with

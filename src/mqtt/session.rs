@@ -12,7 +12,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::codec::{self, ConnAck, EncodeError, Incoming, PublishMeta, Read, Reader, Version};
 use super::connect::Stream;
 use super::pace::Pacer;
-use super::{deliver_incoming, ConnectOptions, ConnectionError, Finished, MqttShared, Stops, MAX_INCOMING};
+use super::{deliver_incoming, ConnectOptions, ConnectionError, Finished, MqttShared, Publish, Stops, MAX_INCOMING};
 use crate::liveness::{self, Beat};
 use crate::queue::{Outbound, Poisoned};
 
@@ -20,6 +20,8 @@ use crate::queue::{Outbound, Poisoned};
 const BATCH_BYTES: usize = 64 * 1024;
 /// Packet id of our SUBSCRIBE; readings use 1..=inflight, which never reaches it.
 const SUBSCRIBE_PKID: u16 = u16::MAX;
+/// How often a profile looks at the devices' states (its births and deaths follow them).
+const PROFILE_TICK: Duration = Duration::from_millis(100);
 /// A reading the broker hung up on this many times in a row is dropped as poisoned.
 pub const STRIKES_TO_POISON: u32 = 3;
 
@@ -56,6 +58,8 @@ pub(super) struct Session<'a> {
     pacer: &'a mut Pacer,
     /// Readings wait for the pacer's next token (see [`super::pace`]).
     pace_wait: Option<Instant>,
+    /// A profile's publishes, reused.
+    profile_out: Vec<Publish>,
 }
 
 impl<'a> Session<'a> {
@@ -95,6 +99,7 @@ impl<'a> Session<'a> {
             ping_deadline: None,
             pacer,
             pace_wait: None,
+            profile_out: Vec::new(),
         }
     }
 
@@ -113,6 +118,10 @@ impl<'a> Session<'a> {
         self.rbuf.extend_from_slice(&leftover);
         self.read_packets()?;
         let mut beats = liveness::ticker();
+        // A profile's births and deaths follow the devices' states, which it looks at this often.
+        let mut profile_tick = tokio::time::interval(PROFILE_TICK);
+        profile_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let has_profile = self.shared.has_profile();
         let mut ping = tokio::time::interval_at(Instant::now() + self.keep_alive, self.keep_alive);
         // After a stall, one ping, not a burst of the missed ones.
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -133,6 +142,7 @@ impl<'a> Session<'a> {
                 _ = self.stops.switching.cancelled(), if !self.disconnecting => {
                     // A reload replaces this connection: leave cleanly (no last will); the
                     // ledger puts what is in flight back for the next one.
+                    self.put_farewell();
                     codec::put_disconnect(&mut self.wbuf);
                     self.disconnecting = true;
                 }
@@ -180,6 +190,7 @@ impl<'a> Session<'a> {
                     self.want_fill = true;
                 }
                 _ = beats.tick() => self.beat.beat(),
+                _ = profile_tick.tick(), if has_profile => self.want_fill = true,
             }
         }
     }
@@ -205,19 +216,67 @@ impl<'a> Session<'a> {
                 self.disconnecting = true;
                 return;
             }
-            for c in (self.shared.on_drained)() {
-                self.shared.queue.push_control(c);
+            if self.shared.has_profile() {
+                self.put_farewell();
+            } else {
+                for c in (self.shared.on_drained)() {
+                    self.shared.queue.push_control(c);
+                }
+                self.shared.queue.push_control(self.shared.availability(false));
             }
-            self.shared.queue.push_control(self.shared.availability(false));
             self.final_sent = true;
             // Take them at once: nothing else would wake us for them.
             self.want_fill = true;
         }
     }
 
+    /// A profile's last words (Sparkplug's NDEATH) before DISCONNECT.
+    fn put_farewell(&mut self) {
+        let farewell = self.shared.profile().and_then(|mut p| p.farewell());
+        if let Some(p) = farewell {
+            let _ = self.put_profile_publishes(&[p]);
+        }
+    }
+
+    /// Writes a profile's publishes (QoS 0) into the batch; one that cannot be sent is dropped
+    /// and counted as a refused control message. Returns whether all were written.
+    fn put_profile_publishes(&mut self, publishes: &[Publish]) -> bool {
+        let mut all = true;
+        for p in publishes {
+            let meta = PublishMeta { pkid: 0, retain: false, expiry_s: None, correlation: None };
+            let r = codec::put_publish(&mut self.wbuf, self.version, meta, &p.payload, self.limit, |b| {
+                codec::put_str(b, &p.topic)
+            });
+            if let Err(e) = r {
+                all = false;
+                self.shared.controls_refused.fetch_add(1, Relaxed);
+                tracing::error!(
+                    topic = %p.topic, bytes = p.payload.len(), limit = self.limit, error = %e,
+                    "Message cannot be sent to this broker; dropped."
+                );
+            }
+        }
+        all
+    }
+
     fn fill_batch(&mut self) {
         let shared = self.shared;
         let qos1 = shared.qos != QoS::AtMostOnce;
+        if let Some(mut profile) = shared.profile() {
+            self.profile_out.clear();
+            profile.due(&mut self.profile_out);
+            let may_publish = profile.may_publish();
+            drop(profile);
+            let due = std::mem::take(&mut self.profile_out);
+            let _ = self.put_profile_publishes(&due);
+            self.profile_out = due;
+            if !may_publish {
+                // Readings wait in the queue (bounded, drop-oldest) until the profile may
+                // publish again: the primary host's return, a connection.
+                self.want_fill = false;
+                return;
+            }
+        }
         self.pacer.observe(shared.queue.pushed());
         while self.wbuf.len() < BATCH_BYTES && (!qos1 || self.used + 1 < self.in_use.len()) {
             // The shutdown drain is not a catch-up: it has a deadline.
@@ -234,6 +293,20 @@ impl<'a> Session<'a> {
             }
             let pkid = if qos1 { self.take_pkid() } else { 0 };
             let written = match &out {
+                Outbound::Reading { device, payload, .. } if shared.has_profile() => {
+                    self.profile_out.clear();
+                    let name = shared.queue.lane_name(*device);
+                    let ok = shared.profile().is_some_and(|mut p| p.reading(&name, payload, &mut self.profile_out));
+                    let publishes = std::mem::take(&mut self.profile_out);
+                    // A reading whose publish does not fit the broker's limit is not delivered.
+                    let ok = ok && self.put_profile_publishes(&publishes);
+                    self.profile_out = publishes;
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(EncodeError::Codec("the profile cannot publish this reading".into()))
+                    }
+                }
                 Outbound::Reading { device, payload, replayed } => {
                     let meta = PublishMeta { pkid, retain: false, expiry_s: self.expiry_s, correlation: None };
                     codec::put_publish(&mut self.wbuf, self.version, meta, payload, self.limit, |b| {
@@ -399,7 +472,13 @@ impl<'a> Session<'a> {
                 if qos1 {
                     codec::put_puback(&mut self.wbuf, pkid);
                 }
-                deliver_incoming(self.shared, message);
+                match self.shared.profile() {
+                    Some(mut p) => {
+                        p.incoming(&message);
+                        self.want_fill = true;
+                    }
+                    None => deliver_incoming(self.shared, message),
+                }
             }
             Incoming::Disconnect { reason } => return Err(ConnectionError::ClosedWithReason(reason)),
             Incoming::ConnAck(_) => return Err(ConnectionError::Protocol("unexpected CONNACK".into())),
