@@ -367,22 +367,10 @@ impl CommandContext {
         };
         let dev = self.devices.snapshot().into_iter().find(|d| d.name() == device);
         let dev = dev.ok_or_else(|| bad(format!("no device {device:?}; devices: {}", self.device_names())))?;
-        let crate::config::Input::Modbus(slave) = &dev.config.input else {
-            return Err(bad(format!("{device:?} is not a Modbus slave; only points of [[bus.device]] can be written")));
-        };
-        slave.write_of(point, value).map_err(bad)?;
-        let (done, result) = tokio::sync::oneshot::channel();
-        let job = crate::device::WriteJob {
-            device: device.to_string(),
-            point: point.to_string(),
-            value: value.clone(),
-            start_by: Instant::now() + WRITE_START_WITHIN,
-            done,
-        };
-        let sent = dev.writes.as_ref().is_some_and(|tx| tx.try_send(job).is_ok());
-        if !sent {
-            return Err(Refusal::BusBusy.into());
-        }
+        let result = dev.request_write(point, value, WRITE_START_WITHIN).map_err(|e| match e {
+            crate::device::WriteRefused::BadRequest(text) => bad(text),
+            crate::device::WriteRefused::BusBusy => Refusal::BusBusy.into(),
+        })?;
         let reply = json!({"device": device, "point": point, "value": value});
         Ok(Done::Later(Box::pin(async move {
             match result.await {

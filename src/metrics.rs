@@ -42,6 +42,9 @@ pub struct OutputMetrics {
     /// Readings without a field a metric can carry.
     pub skipped: u64,
     pub bd_seq_write_errors: u64,
+    /// DCMD writes confirmed by the slave, and refused (checks, bus, slave).
+    pub writes: u64,
+    pub writes_refused: u64,
     pub queue: OutputQueue,
     pub devices: BTreeMap<String, OutputDevice>,
 }
@@ -94,6 +97,8 @@ impl OutputMetrics {
             commands_ignored: s.commands_ignored.load(Relaxed),
             skipped: s.skipped.load(Relaxed),
             bd_seq_write_errors: s.bd_seq_write_errors.load(Relaxed),
+            writes: s.writes.load(Relaxed),
+            writes_refused: s.writes_refused.load(Relaxed),
             queue: OutputQueue { readings, bytes },
             devices,
         }

@@ -4,68 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Gateway, Mosquitto, Subscriber};
-
-/// The marker `simulate --modbus` prints after the config.
-const SERVING: &str = "# Serving until Ctrl-C or SIGTERM.";
-
-/// `sensorgate simulate <args>` running; killed on drop if still running.
-struct Simulator {
-    child: Child,
-    stderr: std::path::PathBuf,
-}
-
-impl Simulator {
-    /// Starts it and returns it with everything it printed on stdout up to [`SERVING`].
-    async fn start(dir: &Path, args: &[&str]) -> (Self, String) {
-        let stderr = dir.join("simulate.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-            .arg("simulate")
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start sensorgate simulate");
-        let stdout = child.stdout.take().unwrap();
-        // Ends at the marker, or at EOF if the simulator exits first.
-        let read = tokio::task::spawn_blocking(move || {
-            let mut text = String::new();
-            for line in BufReader::new(stdout).lines() {
-                let line = line.unwrap();
-                text += &line;
-                text += "\n";
-                if line == SERVING {
-                    break;
-                }
-            }
-            text
-        });
-        let sim = Self { child, stderr };
-        let text = tokio::time::timeout(Duration::from_secs(20), read).await.expect("the config in time").unwrap();
-        assert!(text.ends_with(&format!("{SERVING}\n")), "simulate printed:\n{text}\nlog:\n{}", sim.log());
-        (sim, text)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-}
-
-impl Drop for Simulator {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+use common::{Gateway, Mosquitto, Simulator, Subscriber};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_polls_simulated_meters_on_the_config_simulate_prints() {

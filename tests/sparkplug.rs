@@ -50,10 +50,16 @@ fn decode(python: &Path, msgs: &[Msg]) -> Vec<Value> {
     String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-fn ncmd_rebirth(python: &Path) -> Vec<u8> {
-    let out = Command::new(python).arg(script()).arg("ncmd-rebirth").output().unwrap();
+/// A payload pysparkplug encodes: `decode.py <args>` prints it in hex.
+fn encoded(python: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new(python).arg(script()).args(args).output().unwrap();
+    assert!(out.status.success(), "decode.py {args:?}");
     let hex = String::from_utf8(out.stdout).unwrap();
     (0..hex.trim().len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
+}
+
+fn ncmd_rebirth(python: &Path) -> Vec<u8> {
+    encoded(python, &["ncmd-rebirth"])
 }
 
 fn config(dir: &Path, port: u16, sparkplug_extra: &str, devices: &[&str]) -> String {
@@ -351,5 +357,57 @@ async fn each_output_delivers_while_the_other_broker_is_down() {
             m.topic == "sensorgate/it/metrics" && m.json()["devices"]["a"]["delivered"] == 80
         })
         .await;
+    drop(gw);
+}
+
+fn dcmd(python: &Path, name: &str, datatype: &str, value: &str) -> Vec<u8> {
+    encoded(python, &["dcmd", name, datatype, value])
+}
+
+/// Scenario: a simulated Modbus meter (`sensorgate simulate --modbus`) polled by the gateway;
+/// a host sends DCMDs: to its writable `setpoint` (done: the next DDATA carries the new value)
+/// and to its read-only `voltage` (refused, counted, nothing written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dcmd_writes_a_writable_modbus_point_with_the_write_commands_checks() {
+    let Some(python) = python() else { return };
+    let dir = common::tempdir();
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "#").await;
+    let link = dir.path().join("bus");
+    let (_sim, printed) =
+        common::Simulator::start(dir.path(), &["--modbus", "5", "--link", link.to_str().unwrap()]).await;
+    let text = format!(
+        "[gateway]\nid = \"it\"\nmetrics_interval = \"200ms\"\nstate_dir = \"{}\"\n[mqtt]\nport = {}\n\
+         [sparkplug]\nenabled = true\ngroup_id = \"plant-1\"\nedge_node_id = \"gh\"\n{printed}",
+        dir.path().join("state").display(),
+        broker.port
+    );
+    let gw = Gateway::start(dir.path(), &text);
+    let ddata = "spBv1.0/plant-1/DDATA/gh/meter-5";
+    let mut got = Vec::new();
+    collect(&mut sub, &mut got, 20, |m| m.topic == ddata).await;
+    let topic = "spBv1.0/plant-1/DCMD/gh/meter-5";
+    common::publish(broker.port, topic, &dcmd(&python, "voltage", "DOUBLE", "1.0"), false).await;
+    common::publish(broker.port, topic, &dcmd(&python, "setpoint", "DOUBLE", "23.5"), false).await;
+    // The write is made between polls; a later DDATA carries it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no DDATA with setpoint 23.5");
+        collect(&mut sub, &mut got, 20, |m| m.topic == ddata).await;
+        let decoded = decode(&python, &got);
+        let last = decoded.last().unwrap();
+        if metric(last, "setpoint").is_some_and(|m| m["value"] == 23.5) {
+            break;
+        }
+    }
+    let (m, _) = sub
+        .wait_for(Duration::from_secs(10), |m| {
+            m.topic == "sensorgate/it/metrics" && m.json()["sparkplug"]["writes"] == 1
+        })
+        .await;
+    let sp = &m.json()["sparkplug"];
+    assert_eq!(n(sp, "writes_refused"), 1, "voltage is not writable: {sp}");
+    let log = gw.log_text();
+    assert!(log.contains("Sparkplug: DCMD refused.") && log.contains("is not writable"), "{log}");
     drop(gw);
 }

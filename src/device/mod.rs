@@ -164,6 +164,41 @@ impl DeviceRuntime {
         StreamInput::new(stream.framer(), Box::new(move || decoders(&name, &settings)), self.sink(queue))
     }
 
+    /// Checks a write of `value` to `point` against this Modbus slave's config (a clear
+    /// refusal at once) and hands it to its bus, which writes between polls and must start
+    /// within `start_within`. The receiver gets the slave's answer. The `write` command and
+    /// Sparkplug DCMD both come through here.
+    ///
+    /// # Errors
+    /// Not a Modbus slave, not a writable point, a value the point cannot take, or a bus that
+    /// is not running or has 8 writes waiting.
+    pub fn request_write(
+        &self,
+        point: &str,
+        value: &serde_json::Value,
+        start_within: std::time::Duration,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, WriteRefused> {
+        let device = self.name();
+        let crate::config::Input::Modbus(slave) = &self.config.input else {
+            return Err(WriteRefused::BadRequest(format!(
+                "{device:?} is not a Modbus slave; only points of [[bus.device]] can be written"
+            )));
+        };
+        slave.write_of(point, value).map_err(WriteRefused::BadRequest)?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job = WriteJob {
+            device: device.to_string(),
+            point: point.to_string(),
+            value: value.clone(),
+            start_by: tokio::time::Instant::now() + start_within,
+            done,
+        };
+        if self.writes.as_ref().is_none_or(|tx| tx.try_send(job).is_err()) {
+            return Err(WriteRefused::BusBusy);
+        }
+        Ok(result)
+    }
+
     /// The current status.
     pub fn status(&self) -> Status {
         self.status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
@@ -197,6 +232,15 @@ impl DeviceRuntime {
         let payload = serde_json::to_vec(status).expect("status serialises");
         Control { topic: self.state_topic.clone(), payload: Bytes::from(payload), retain: true, correlation: None }
     }
+}
+
+/// Why [`DeviceRuntime::request_write`] did not hand a write to the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteRefused {
+    /// What is wrong with the request, for the one who made it.
+    BadRequest(String),
+    /// The bus is not running, or already has its writes waiting.
+    BusBusy,
 }
 
 /// The devices currently configured, for the tasks that report on all of them.

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::device::{Registry, State};
+use crate::device::{Registry, State, WriteRefused};
 use crate::liveness::Beat;
 use crate::mqtt::{self, Message, MqttShared, Profile, Publish, Will};
 use crate::queue::ReadingQueue;
@@ -57,6 +57,9 @@ pub struct Stats {
     pub skipped: AtomicU64,
     /// `bdSeq` could not be written to the state directory.
     pub bd_seq_write_errors: AtomicU64,
+    /// DCMD writes the slave confirmed, and those refused (by the checks or by the slave).
+    pub writes: AtomicU64,
+    pub writes_refused: AtomicU64,
 }
 
 /// The connection's [`Profile`]: an [`EdgeNode`] plus what it needs from the gateway.
@@ -90,6 +93,46 @@ impl SparkplugProfile {
                 devices_up: devices.iter().filter(|d| d.status().state == State::Up).count() as u64,
                 devices: devices.len() as u64,
             };
+        }
+    }
+}
+
+impl SparkplugProfile {
+    /// A DCMD write, with the checks of the `write` command: a writable point of a Modbus
+    /// slave and a value it can take. Its outcome is logged; the new value shows in the
+    /// device's next DDATA.
+    fn write(&mut self, w: node::Write) {
+        let dev = self.registry.snapshot().into_iter().find(|d| d.name() == w.device);
+        let requested = match dev {
+            Some(dev) => dev.request_write(&w.metric, &w.value, crate::commands::WRITE_START_WITHIN),
+            None => Err(WriteRefused::BadRequest(format!("no device {:?}", w.device))),
+        };
+        let stats = Arc::clone(&self.stats);
+        match requested {
+            Ok(result) => {
+                tokio::spawn(async move {
+                    let outcome =
+                        result.await.unwrap_or_else(|_| Err("the bus stopped before the write was made".into()));
+                    match outcome {
+                        Ok(()) => {
+                            stats.writes.fetch_add(1, Relaxed);
+                            tracing::info!(device = %w.device, point = %w.metric, value = %w.value, "Sparkplug: DCMD written.");
+                        }
+                        Err(e) => {
+                            stats.writes_refused.fetch_add(1, Relaxed);
+                            tracing::warn!(device = %w.device, point = %w.metric, error = %e, "Sparkplug: DCMD write failed.");
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                stats.writes_refused.fetch_add(1, Relaxed);
+                let why = match e {
+                    WriteRefused::BadRequest(text) => text,
+                    WriteRefused::BusBusy => "the bus is busy (8 writes waiting) or not running".into(),
+                };
+                tracing::warn!(device = %w.device, point = %w.metric, error = %why, "Sparkplug: DCMD refused.");
+            }
         }
     }
 }
@@ -148,7 +191,9 @@ impl Profile for SparkplugProfile {
     }
 
     fn incoming(&mut self, message: &Message) {
-        self.node.incoming(&message.topic, &message.payload);
+        for w in self.node.incoming(&message.topic, &message.payload) {
+            self.write(w);
+        }
         self.stats.rebirths_requested.store(self.node.rebirths_requested, Relaxed);
         self.stats.commands_ignored.store(self.node.commands_ignored, Relaxed);
     }

@@ -47,6 +47,14 @@ impl Health {
     }
 }
 
+/// A DCMD's request to set one metric of a device (a Modbus point), its value as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    pub device: String,
+    pub metric: String,
+    pub value: Json,
+}
+
 /// Why a reading was not published.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Skip {
@@ -184,8 +192,48 @@ impl EdgeNode {
         self.connected && self.host_online != Some(false)
     }
 
-    /// A message on one of [`subscriptions`](Self::subscriptions).
-    pub fn incoming(&mut self, topic: &str, payload: &[u8]) {
+    /// A message on one of [`subscriptions`](Self::subscriptions). Returns the writes a DCMD
+    /// asks for (metrics named, or by the alias of the device's birth).
+    pub fn incoming(&mut self, topic: &str, payload: &[u8]) -> Vec<Write> {
+        let dcmd = format!("spBv1.0/{}/DCMD/{}/", self.group, self.node);
+        if let Some(device) = topic.strip_prefix(&dcmd) {
+            let writes = self.device_command(device, payload);
+            if writes.is_empty() {
+                self.ignored(topic);
+            }
+            return writes;
+        }
+        self.node_message(topic, payload);
+        Vec::new()
+    }
+
+    fn device_command(&self, device: &str, payload: &[u8]) -> Vec<Write> {
+        let (Ok(p), Some(d)) = (Payload::decode(payload), self.devices.get(device)) else { return Vec::new() };
+        p.metrics
+            .into_iter()
+            .filter_map(|m| {
+                let def = d.metrics.iter().find(|def| Some(&def.name) == m.name.as_ref() || Some(def.alias) == m.alias);
+                let metric = m.name.or_else(|| def.map(|def| def.name.clone()))?;
+                let value = match m.value? {
+                    Value::Boolean(b) => Json::Bool(b),
+                    Value::Double(f) => serde_json::Number::from_f64(f).map(Json::Number)?,
+                    Value::Float(f) => serde_json::Number::from_f64(f64::from(f)).map(Json::Number)?,
+                    Value::Long(v)
+                        if m.datatype.or(def.map(|d| d.datatype as u32)) == Some(DataType::UInt64 as u32) =>
+                    {
+                        Json::from(v)
+                    }
+                    Value::Long(v) => Json::from(v as i64),
+                    Value::Int(v) => Json::from(v),
+                    Value::String(s) => Json::String(s),
+                    Value::Bytes(_) => return None,
+                };
+                Some(Write { device: device.to_string(), metric, value })
+            })
+            .collect()
+    }
+
+    fn node_message(&mut self, topic: &str, payload: &[u8]) {
         if Some(topic) == self.state_topic.as_deref() {
             let online = match serde_json::from_slice::<Json>(payload) {
                 Ok(v) => v.get("online").and_then(Json::as_bool).unwrap_or(false),
@@ -213,13 +261,11 @@ impl EdgeNode {
             } else {
                 self.ignored(topic);
             }
-        } else {
-            // DCMD: writes to devices are not supported yet.
-            self.ignored(topic);
         }
     }
 
-    fn ignored(&mut self, topic: &str) {
+    /// A command that asks for nothing this node does (counted, logged at each doubling).
+    pub fn ignored(&mut self, topic: &str) {
         self.commands_ignored += 1;
         if self.commands_ignored.is_power_of_two() {
             tracing::warn!(topic, ignored = self.commands_ignored, "Sparkplug: command not supported; ignored.");

@@ -105,7 +105,7 @@ fn rebirth_command_and_primary_host_state() {
     assert_eq!(birth.metrics[0].value, Some(Value::Long(5)), "the same bdSeq");
     node.incoming("spBv1.0/STATE/host", br#"{"online":false,"timestamp":2}"#);
     assert!(!node.may_publish());
-    node.incoming("spBv1.0/g/DCMD/n/d", b"anything");
+    assert!(node.incoming("spBv1.0/g/DCMD/n/d", b"anything").is_empty());
     assert_eq!(node.commands_ignored, 1);
 }
 
@@ -116,4 +116,34 @@ fn readings_without_metrics_are_refused() {
     assert!(matches!(node.reading("d", b"[1,2]", &mut out), Err(Skip::NotAnObject(_))));
     assert_eq!(node.reading("d", br#"{"_gw":{},"x":null}"#, &mut out), Err(Skip::NoMetrics));
     assert!(out.is_empty());
+}
+
+#[test]
+fn a_dcmd_becomes_writes_by_name_or_by_the_birth_alias() {
+    let mut node = connected_node();
+    let mut out = Vec::new();
+    node.due(Health::default(), &mut out);
+    node.reading("d", br#"{"setpoint":21.5,"relay":false,"count":3}"#, &mut out).unwrap();
+    let birth = decode(&out[1]);
+    let alias = |name: &str| birth.metrics.iter().find(|m| m.name.as_deref() == Some(name)).unwrap().alias;
+    let cmd = Payload {
+        metrics: vec![
+            metric_named("setpoint", DataType::Double, Value::Double(23.5)),
+            Metric { alias: alias("relay"), value: Some(Value::Boolean(true)), ..Default::default() },
+            Metric { alias: alias("count"), value: Some(Value::Long(-2i64 as u64)), ..Default::default() },
+        ],
+        ..Default::default()
+    };
+    let writes = node.incoming("spBv1.0/g/DCMD/n/d", &cmd.encode_to_vec());
+    let got: Vec<(String, serde_json::Value)> = writes.into_iter().map(|w| (w.metric, w.value)).collect();
+    assert_eq!(
+        got,
+        [
+            ("setpoint".to_string(), serde_json::json!(23.5)),
+            ("relay".to_string(), serde_json::json!(true)),
+            ("count".to_string(), serde_json::json!(-2)),
+        ]
+    );
+    assert!(node.incoming("spBv1.0/g/DCMD/n/unknown", &cmd.encode_to_vec()).is_empty());
+    assert_eq!(node.commands_ignored, 1);
 }

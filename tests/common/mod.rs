@@ -784,3 +784,59 @@ pub fn json_sensors(ptys: Vec<sensorgate::simulate::PtyLink>, rate: u32) -> Vec<
         })
         .collect()
 }
+
+/// The marker `simulate --modbus` prints after the config.
+pub const SERVING: &str = "# Serving until Ctrl-C or SIGTERM.";
+
+/// `sensorgate simulate <args>` running; killed on drop if still running.
+pub struct Simulator {
+    pub child: std::process::Child,
+    stderr: std::path::PathBuf,
+}
+
+impl Simulator {
+    /// Starts it and returns it with everything it printed on stdout up to [`SERVING`].
+    pub async fn start(dir: &Path, args: &[&str]) -> (Self, String) {
+        let stderr = dir.join("simulate.log");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+            .arg("simulate")
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start sensorgate simulate");
+        let stdout = child.stdout.take().unwrap();
+        // Ends at the marker, or at EOF if the simulator exits first.
+        let read = tokio::task::spawn_blocking(move || {
+            let mut text = String::new();
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let line = line.unwrap();
+                text += &line;
+                text += "\n";
+                if line == SERVING {
+                    break;
+                }
+            }
+            text
+        });
+        let sim = Self { child, stderr };
+        let text = tokio::time::timeout(Duration::from_secs(20), read).await.expect("the config in time").unwrap();
+        assert!(text.ends_with(&format!("{SERVING}\n")), "simulate printed:\n{text}\nlog:\n{}", sim.log());
+        (sim, text)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -5,6 +5,9 @@ not write), for tests/sparkplug.rs.
                      stdout: one JSON object per message, as pysparkplug decoded it
   decode.py ncmd-rebirth
                      stdout: the hex of an NCMD payload asking for a rebirth
+  decode.py dcmd NAME TYPE VALUE
+                     stdout: the hex of a DCMD payload setting metric NAME (TYPE: a
+                     pysparkplug DataType name, e.g. DOUBLE, BOOLEAN) to VALUE (JSON)
 
 Data messages are decoded with the last birth of their node or device, as a host does: names
 and datatypes come from the birth through the aliases.
@@ -75,5 +78,11 @@ def ncmd_rebirth():
     print(spb.NCmd(timestamp=spb.get_current_timestamp(), metrics=(m,)).encode(include_dtypes=True).hex())
 
 
+def dcmd():
+    name, dtype, value = sys.argv[2], spb.DataType[sys.argv[3]], json.loads(sys.argv[4])
+    m = spb.Metric(timestamp=spb.get_current_timestamp(), name=name, datatype=dtype, value=value)
+    print(spb.DCmd(timestamp=spb.get_current_timestamp(), metrics=(m,)).encode(include_dtypes=True).hex())
+
+
 if __name__ == "__main__":
-    {"decode": decode, "ncmd-rebirth": ncmd_rebirth}[sys.argv[1]]()
+    {"decode": decode, "ncmd-rebirth": ncmd_rebirth, "dcmd": dcmd}[sys.argv[1]]()
