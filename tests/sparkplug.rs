@@ -400,6 +400,16 @@ async fn a_dcmd_writes_a_writable_modbus_point_with_the_write_commands_checks() 
             break;
         }
     }
+    // The meter's points are declared: born once, with all of them, their types right (a wrong
+    // guess would bring a second birth at the first reading).
+    let decoded = decode(&python, &got);
+    let births: Vec<&Value> = decoded.iter().filter(|v| v["type"] == "DBIRTH").collect();
+    assert_eq!(births.len(), 1, "{births:?}");
+    for point in ["voltage", "current", "temperature", "setpoint", "relay", "door_closed", "energy"] {
+        assert!(metric(births[0], point).is_some(), "{point} in {}", births[0]);
+    }
+    assert_eq!(metric(births[0], "relay").unwrap()["datatype"], "BOOLEAN");
+    assert_eq!(metric(births[0], "energy").unwrap()["datatype"], "INT64");
     let (m, _) = sub
         .wait_for(Duration::from_secs(10), |m| {
             m.topic == "sensorgate/it/metrics" && m.json()["sparkplug"]["writes"] == 1

@@ -203,6 +203,21 @@ impl Profile for SparkplugProfile {
     }
 }
 
+/// The datatype of a Modbus point's values as its readings carry them (see
+/// `Point::write_field`): bits and unscaled booleans are Boolean, floats and anything scaled
+/// Double, other integers Int64 (a u64 beyond Int64 would bring a new birth as UInt64).
+fn point_datatype(p: &crate::modbus::Point) -> proto::DataType {
+    use crate::modbus::PointType;
+    let scaled = p.scale != 1.0 || p.offset != 0.0;
+    if !scaled && (p.table.is_bits() || p.kind == PointType::Bool) {
+        proto::DataType::Boolean
+    } else if scaled || matches!(p.kind, PointType::F32 | PointType::F64) {
+        proto::DataType::Double
+    } else {
+        proto::DataType::Int64
+    }
+}
+
 /// The last `bdSeq` saved in `file`; None when there is none (a first start) or it cannot be
 /// read (said at WARN: the count starts over).
 pub fn load_bd_seq(file: &Path) -> Option<u64> {
@@ -281,8 +296,12 @@ impl SparkplugOutput {
         let last = load_bd_seq(&bd_seq_file).unwrap_or(255);
         let edge_node = sp.edge_node(&config.gateway);
         let stats = Arc::new(Stats::default());
+        let mut node = EdgeNode::new(&sp.group_id, &edge_node, sp.primary_host_id.as_deref(), last);
+        for slave in config.buses.iter().flat_map(|b| &b.slaves) {
+            node.declare(&slave.name, slave.points.iter().map(|p| (p.name.clone(), point_datatype(p))));
+        }
         let profile = SparkplugProfile {
-            node: EdgeNode::new(&sp.group_id, &edge_node, sp.primary_host_id.as_deref(), last),
+            node,
             bd_seq_file,
             registry,
             queue: Arc::clone(&queue),

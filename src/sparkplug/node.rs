@@ -272,6 +272,20 @@ impl EdgeNode {
         }
     }
 
+    /// The metrics device `name` will send, known from its config (a Modbus slave's points):
+    /// it is born with them (values null) as soon as it is `up`, before its first reading.
+    pub fn declare(&mut self, name: &str, metrics: impl IntoIterator<Item = (String, DataType)>) {
+        let mut next_alias = self.next_alias;
+        let d = self.device(name);
+        for (metric, datatype) in metrics {
+            if !d.metrics.iter().any(|m| m.name == metric) {
+                d.metrics.push(MetricDef { name: metric, alias: next_alias, datatype, last: None });
+                next_alias += 1;
+            }
+        }
+        self.next_alias = next_alias;
+    }
+
     /// Whether device `name` is `up`, as its supervisor says.
     pub fn set_device_up(&mut self, name: &str, up: bool) {
         let d = self.device(name);

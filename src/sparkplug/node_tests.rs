@@ -147,3 +147,20 @@ fn a_dcmd_becomes_writes_by_name_or_by_the_birth_alias() {
     assert!(node.incoming("spBv1.0/g/DCMD/n/unknown", &cmd.encode_to_vec()).is_empty());
     assert_eq!(node.commands_ignored, 1);
 }
+
+#[test]
+fn a_declared_device_is_born_when_up_before_its_first_reading() {
+    let mut node = connected_node();
+    let mut out = Vec::new();
+    node.declare("m", [("voltage".to_string(), DataType::Double), ("relay".to_string(), DataType::Boolean)]);
+    node.due(Health::default(), &mut out);
+    assert_eq!(kinds(&out), ["NBIRTH"], "not up yet");
+    node.set_device_up("m", true);
+    node.due(Health::default(), &mut out);
+    assert_eq!(kinds(&out), ["NBIRTH", "DBIRTH"]);
+    let birth = decode(&out[1]);
+    assert!(birth.metrics.iter().all(|m| m.is_null == Some(true) && m.value.is_none()), "no values yet");
+    out.clear();
+    node.reading("m", br#"{"voltage":230.5,"relay":false}"#, &mut out).unwrap();
+    assert_eq!(kinds(&out), ["DDATA"], "the types were right: no second birth");
+}
