@@ -185,8 +185,11 @@ struct Core {
     sparkplug: std::sync::Mutex<Option<SparkplugOutput>>,
     /// Its queue, which every device's readings also go to.
     sparkplug_queue: Option<Arc<ReadingQueue>>,
-    sparkplug_stats: Option<(Arc<crate::sparkplug::Stats>, Arc<MqttShared>)>,
+    sparkplug_stats: Option<SparkplugView>,
 }
+
+/// What the metrics read of the Sparkplug output.
+type SparkplugView = (Arc<crate::sparkplug::Stats>, Arc<MqttShared>, Option<Arc<Spool>>);
 
 /// What owns a port and is supervised on its own: a listening device, or a Modbus bus with
 /// its slaves. Each of its devices has a runtime (lane, counters, state).
@@ -284,9 +287,16 @@ impl Core {
         let draining = CancellationToken::new();
         let sparkplug = if config.sparkplug.enabled {
             let beat = live.beat_for(SPARKPLUG);
+            let spool = config.spool.path(&config.gateway).map(|dir| spool::Settings {
+                dir: crate::sparkplug::spool_dir(&dir),
+                max_bytes: config.spool.max_bytes,
+                sync_interval: config.spool.sync_interval,
+                one_stream: false,
+                devices: units(config).len(),
+            });
             Some(
-                SparkplugOutput::start(config, Arc::clone(&registry), beat, draining.clone(), hooks.jitter)
-                    .map_err(AppError::Setup)?,
+                SparkplugOutput::start(config, Arc::clone(&registry), beat, draining.clone(), hooks.jitter, spool)
+                    .map_err(AppError::Spool)?,
             )
         } else {
             None
@@ -300,7 +310,7 @@ impl Core {
             registry,
             live,
             sparkplug_queue: sparkplug.as_ref().map(|s| Arc::clone(&s.queue)),
-            sparkplug_stats: sparkplug.as_ref().map(|s| (Arc::clone(&s.stats), Arc::clone(&s.shared))),
+            sparkplug_stats: sparkplug.as_ref().map(|s| (Arc::clone(&s.stats), Arc::clone(&s.shared), s.spool.clone())),
             sparkplug: std::sync::Mutex::new(sparkplug),
             discovery: Arc::new(std::sync::Mutex::new(discovery)),
             command_stats: Arc::default(),
@@ -695,6 +705,9 @@ impl Core {
             // What is in the spool stays there for the next start; the drain is for memory.
             spool.stop_replay();
         }
+        if let Some(sp) = &*self.sparkplug.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            sp.stop_replay();
+        }
         self.draining.cancel();
         let (queue, shared) = (Arc::clone(&self.queue), Arc::clone(&side.shared));
         // With a spool and no broker, waiting is pointless: the queue goes to disk.
@@ -869,7 +882,7 @@ fn metrics_message(
     started: Instant,
     commands: &commands::Stats,
     spool: Option<&Spool>,
-    sparkplug: Option<&(Arc<crate::sparkplug::Stats>, Arc<MqttShared>)>,
+    sparkplug: Option<&SparkplugView>,
 ) -> Control {
     let mut m = metrics::snapshot(
         started.elapsed().as_secs(),
@@ -892,7 +905,9 @@ fn metrics_message(
         commands.snapshot(),
         spool.map(|s| &s.stats),
     );
-    m.sparkplug = sparkplug.map(|(stats, conn)| metrics::OutputMetrics::sparkplug(&conn.queue, conn, stats));
+    m.sparkplug = sparkplug.map(|(stats, conn, spool)| {
+        metrics::OutputMetrics::sparkplug(&conn.queue, conn, stats, spool.as_deref().map(|s| &s.stats))
+    });
     let payload = serde_json::to_vec(&m).expect("metrics serialise");
     Control { topic: shared.topics.metrics.clone(), payload: payload.into(), retain: false, correlation: None }
 }

@@ -27,8 +27,8 @@ pub struct Metrics<'a> {
 }
 
 /// An output other than the main one (Sparkplug B): its connection, its queue, and per device
-/// `readings = delivered + dropped_oldest + expired + poisoned + queued + in_flight`, exact
-/// (one lock).
+/// `readings + restored = delivered + dropped_oldest + expired + poisoned + queued + in_flight
+/// + spooled`, exact (one lock).
 #[derive(Debug, Serialize)]
 pub struct OutputMetrics {
     pub connected: bool,
@@ -46,6 +46,9 @@ pub struct OutputMetrics {
     pub writes: u64,
     pub writes_refused: u64,
     pub queue: OutputQueue,
+    /// Its own spool, when `[spool] dir` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool: Option<SpoolMetrics>,
     pub devices: BTreeMap<String, OutputDevice>,
 }
 
@@ -64,11 +67,18 @@ pub struct OutputDevice {
     pub poisoned: u64,
     pub queued: u64,
     pub in_flight: u64,
+    pub spooled: u64,
+    pub restored: u64,
 }
 
 impl OutputMetrics {
     /// The Sparkplug output's metrics from its queue, connection and counters.
-    pub fn sparkplug(queue: &ReadingQueue, mqtt: &crate::mqtt::MqttShared, s: &crate::sparkplug::Stats) -> Self {
+    pub fn sparkplug(
+        queue: &ReadingQueue,
+        mqtt: &crate::mqtt::MqttShared,
+        s: &crate::sparkplug::Stats,
+        spool: Option<&crate::spool::SpoolStats>,
+    ) -> Self {
         let lanes = queue.stats();
         let (readings, bytes) = queue.depth();
         let devices = lanes
@@ -83,6 +93,8 @@ impl OutputMetrics {
                     poisoned: l.poisoned,
                     queued: l.queued,
                     in_flight: l.in_flight,
+                    spooled: l.spooled,
+                    restored: l.restored,
                 };
                 (queue.lane_name(i).to_string(), d)
             })
@@ -100,6 +112,7 @@ impl OutputMetrics {
             writes: s.writes.load(Relaxed),
             writes_refused: s.writes_refused.load(Relaxed),
             queue: OutputQueue { readings, bytes },
+            spool: spool.map(|sp| SpoolMetrics::new(sp, lanes.iter().map(|l| l.spooled).sum())),
             devices,
         }
     }

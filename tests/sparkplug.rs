@@ -421,3 +421,63 @@ async fn a_dcmd_writes_a_writable_modbus_point_with_the_write_commands_checks() 
     assert!(log.contains("Sparkplug: DCMD refused.") && log.contains("is not writable"), "{log}");
     drop(gw);
 }
+
+/// Scenario: `[spool]` configured and the Sparkplug broker away, with a 20-reading memory
+/// queue: its readings go to the Sparkplug output's own spool (the JSON side delivers them all
+/// meanwhile); SIGTERM keeps them on disk; after a restart with the broker back they arrive
+/// once each, in order, marked historical, and live readings after them are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparkplug_readings_wait_in_its_own_spool_and_come_back_historical() {
+    let Some(python) = python() else { return };
+    let dir = common::tempdir();
+    let json_broker = Mosquitto::start();
+    let mut spb_broker = Mosquitto::start_custom(true, "queue_qos0_messages true".into());
+    let mut spb_sub = Subscriber::connect_with(spb_broker.port, "spBv1.0/#", Some("spool-sub")).await;
+    spb_broker.stop_gracefully();
+    let mut json_sub = Subscriber::connect(json_broker.port, "sensorgate/it/metrics").await;
+    let mut pty = PtyLink::create(&dir.path().join("a")).unwrap();
+    let extra = format!(
+        "[sparkplug.mqtt]\nport = {}\n[queue]\nmax_readings = 20\n[spool]\ndir = \"spool\"\nsync_interval = \"100ms\"",
+        spb_broker.port
+    );
+    let text = config(dir.path(), json_broker.port, &extra, &["a"]);
+    let mut gw = Gateway::start(dir.path(), &text);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in (0..200).step_by(20) {
+        write_all(&mut pty.master, &json_lines(i..i + 20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (m, _) = json_sub
+        .wait_for(Duration::from_secs(10), |m| {
+            let v = m.json();
+            v["devices"]["a"]["delivered"] == 200 && v["sparkplug"]["devices"]["a"]["spooled"] == 200
+        })
+        .await;
+    let sp = &m.json()["sparkplug"];
+    assert_eq!(n(&sp["devices"]["a"], "dropped_oldest"), 0, "spooled, not dropped: {sp}");
+    assert!(n(&sp["spool"], "bytes") > 0, "{sp}");
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait(Duration::from_secs(10)).success(), "{}", gw.log_text());
+    assert!(dir.path().join("state/spool-sparkplug/a").is_dir(), "its own spool, beside the main one");
+
+    spb_broker.restart();
+    let gw = Gateway::start(dir.path(), &text);
+    let mut got = Vec::new();
+    while got.iter().filter(|m: &&Msg| kind(m) == "DDATA").count() < 200 {
+        collect(&mut spb_sub, &mut got, 15, |_| true).await;
+    }
+    write_all(&mut pty.master, &json_lines(200..205)).await;
+    while got.iter().filter(|m: &&Msg| kind(m) == "DDATA").count() < 205 {
+        collect(&mut spb_sub, &mut got, 15, |_| true).await;
+    }
+    let decoded = decode(&python, &got);
+    assert_eq!(ddata_ns(&decoded), (0..205).collect::<Vec<_>>(), "once each, in order");
+    let historical: Vec<bool> = decoded
+        .iter()
+        .filter(|v| v["type"] == "DDATA")
+        .map(|v| metric(v, "n").unwrap()["is_historical"] == true)
+        .collect();
+    assert!(historical[..200].iter().all(|h| *h), "the spooled readings are historical");
+    assert!(historical[200..].iter().all(|h| !*h), "live readings are not");
+    drop(gw);
+}

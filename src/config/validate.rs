@@ -241,7 +241,12 @@ impl Config {
         if s.sync_interval < Duration::from_millis(10) || s.sync_interval > Duration::from_secs(3600) {
             p.push(Problem::new("spool.sync_interval", "must be between 10ms and 1h", "use e.g. \"1s\""));
         }
-        if let Some(dir) = s.path(&self.gateway) {
+        let dirs = s.path(&self.gateway).map(|main| {
+            // The Sparkplug output's spool lives beside the main one.
+            let sparkplug = self.sparkplug.enabled.then(|| crate::sparkplug::spool_dir(&main));
+            std::iter::once(main).chain(sparkplug)
+        });
+        for dir in dirs.into_iter().flatten() {
             if let Err(e) = crate::spool::probe_dir(&dir) {
                 let key =
                     if s.dir.as_ref().is_some_and(|d| d.is_relative()) { "gateway.state_dir" } else { "spool.dir" };

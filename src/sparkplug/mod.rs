@@ -37,6 +37,7 @@ use crate::device::{Registry, State, WriteRefused};
 use crate::liveness::Beat;
 use crate::mqtt::{self, Message, MqttShared, Profile, Publish, Will};
 use crate::queue::ReadingQueue;
+use crate::spool::{self, Spool};
 use crate::topics::Topics;
 use node::{EdgeNode, Health};
 
@@ -259,8 +260,18 @@ pub struct SparkplugOutput {
     pub shared: Arc<MqttShared>,
     pub stats: Arc<Stats>,
     pub edge_node: String,
+    /// Its own spool (a sibling of the main one), when `[spool] dir` is set.
+    pub spool: Option<Arc<Spool>>,
+    spool_thread: Option<std::thread::JoinHandle<()>>,
     conn: JoinHandle<()>,
     hard_stop: CancellationToken,
+}
+
+/// The Sparkplug output's spool directory: beside the main one (`<dir>-sparkplug`), not in
+/// it, where the main spool would take it for a device.
+pub fn spool_dir(main: &Path) -> PathBuf {
+    let name = main.file_name().map_or_else(|| "spool".into(), |n| n.to_string_lossy().into_owned());
+    main.with_file_name(format!("{name}-sparkplug"))
 }
 
 impl SparkplugOutput {
@@ -269,12 +280,16 @@ impl SparkplugOutput {
     ///
     /// # Errors
     /// A credential or certificate file of its connection cannot be read.
+    /// With `spool`, readings its broker cannot take now (away, slow) go to disk as the main
+    /// output's do, and come back later as historical data: live readings first, each in its
+    /// device's order.
     pub fn start(
         config: &Config,
         registry: Arc<Registry>,
         beat: Beat,
         draining: CancellationToken,
         jitter: bool,
+        spool: Option<spool::Settings>,
     ) -> io::Result<Self> {
         let sp = &config.sparkplug;
         let conn_config = config.sparkplug_mqtt();
@@ -287,6 +302,14 @@ impl SparkplugOutput {
             config.queue.max_age,
             conn_config.mqtt.inflight,
         ));
+        let (spool, spool_thread) = match spool {
+            Some(settings) => {
+                let spool = Spool::new(spool::Settings { one_stream: false, ..settings }, Arc::clone(&queue));
+                let thread = spool.start()?;
+                (Some(spool), Some(thread))
+            }
+            None => (None, None),
+        };
         let state_dir = config.gateway.state_dir();
         if let Err(e) = std::fs::create_dir_all(&state_dir) {
             tracing::error!(dir = %state_dir.display(), error = %e, "Sparkplug: cannot create the state directory.");
@@ -320,19 +343,36 @@ impl SparkplugOutput {
         let backoff = Backoff::new(config.mqtt.reconnect_min, config.mqtt.reconnect_max, jitter);
         let conn = tokio::spawn(mqtt::run_connection(connector, opts, Arc::clone(&shared), backoff, beat, stops));
         tracing::info!(group = %sp.group_id, edge_node = %edge_node, "Sparkplug B output started.");
-        Ok(Self { queue, shared, stats, edge_node, conn, hard_stop })
+        Ok(Self { queue, shared, stats, edge_node, spool, spool_thread, conn, hard_stop })
+    }
+
+    /// At the start of shutdown: what is in the spool stays there for the next start.
+    pub fn stop_replay(&self) {
+        if let Some(spool) = &self.spool {
+            spool.stop_replay();
+        }
     }
 
     /// After `draining` was cancelled: waits for the connection to publish what is queued and
-    /// its NDEATH, until `deadline`, then stops it. Returns whether it drained.
+    /// its NDEATH, until `deadline` (with a spool and no broker, not at all: the queue goes to
+    /// disk), then stops it and writes what is left to the spool. Returns whether it drained.
     pub async fn finish(mut self, deadline: tokio::time::Instant) -> bool {
-        let drained = tokio::time::timeout_at(deadline, &mut self.conn).await.is_ok();
+        let wait = self.spool.is_none() || self.shared.is_connected();
+        let drained = wait && tokio::time::timeout_at(deadline, &mut self.conn).await.is_ok();
         if !drained {
             self.hard_stop.cancel();
             let _ = self.conn.await;
-            let left = self.queue.depth().0;
-            if left > 0 {
-                tracing::error!(queued = left, "Sparkplug: shutdown deadline passed: readings not delivered.");
+        }
+        match (&self.spool, self.spool_thread.take()) {
+            (Some(spool), Some(thread)) => {
+                self.queue.requeue_in_flight();
+                spool.finish(thread);
+            }
+            _ => {
+                let left = self.queue.depth().0;
+                if left > 0 {
+                    tracing::error!(queued = left, "Sparkplug: shutdown deadline passed: readings not delivered.");
+                }
             }
         }
         drained
