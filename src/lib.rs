@@ -7,13 +7,16 @@
 //!                   │ framing (lines | cobs) → decode (json | kv | postcard) → ReadingSink
 //!                   │ in the same task (a decoder that proves slow moves to "decode-<device>")
 //!                   │ bad frame: counted by reason, logged, skipped
-//!                   │ push(): synchronous, never blocks
+//!                   │ push(): synchronous, never blocks; one push per output, the same
+//!                   │ Bytes each (outputs are a list: the main one, then Sparkplug B)
 //!                   ▼
-//!                 ReadingQueue (count + byte bound, drop-oldest, fair across devices)
+//!                 ReadingQueue per output (count + byte bound, drop-oldest, fair across
+//!                   │ devices; with [spool], a spool thread per output)
 //!                   │ pop_next()                 ▲ in-flight readings come back on disconnect
 //!                   ▼                            │
-//!                 MQTT connection task (owns the socket: batched writes, acks, pings,
-//!                                       reconnects with backoff; rumqttc's codec only)
+//!                 MQTT connection task per output (owns the socket: batched writes, acks,
+//!                                       pings, reconnects with backoff; rumqttc's codec only;
+//!                                       a Profile decides what Sparkplug puts on the wire)
 //!  metrics task: counters → metrics topic;  app::run: cancellation tree + task tracker
 //! ```
 //!
