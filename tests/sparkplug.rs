@@ -350,6 +350,8 @@ async fn each_output_delivers_while_the_other_broker_is_down() {
     let decoded = decode(&python, &got);
     let ns = ddata_ns(&decoded);
     assert_eq!(ns, (0..80).collect::<Vec<_>>(), "every reading on the Sparkplug side, in order");
+    let birth = decoded.iter().find(|v| v["type"] == "NBIRTH").unwrap();
+    assert_eq!(birth["bdSeq"], 0, "refused connection attempts (nothing listened) do not use up bdSeq");
     // And the JSON side gets the 30 it missed once its broker is back.
     json_broker.restart();
     json_sub

@@ -85,8 +85,9 @@ pub struct Will {
 /// `online` / `offline`. A profile's publishes are QoS 0, and its readings count as delivered
 /// once written, as QoS 0 readings do.
 pub trait Profile: Send {
-    /// The will of the next connection attempt.
-    fn will(&mut self) -> Will;
+    /// The will of the next connection attempt; `reused`: the previous attempt's will never
+    /// reached a broker (nothing listened), so the same will may be sent again.
+    fn will(&mut self, reused: bool) -> Will;
     /// Filters to subscribe to on every connection, before anything is published.
     fn subscriptions(&self) -> Vec<String>;
     fn connected(&mut self);
@@ -447,9 +448,11 @@ pub async fn run_connection(
     let mut tick = liveness::ticker();
     let login = opts.login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
     let json_will = Will { topic: opts.will_topic.clone(), payload: b"offline".to_vec(), retain: true };
+    // Whether the last attempt's CONNECT (and will) can never have reached a broker.
+    let mut will_unsent = false;
     loop {
         // A profile's will changes per connection (Sparkplug's bdSeq).
-        let will = shared.profile().map_or_else(|| json_will.clone(), |mut p| p.will());
+        let will = shared.profile().map_or_else(|| json_will.clone(), |mut p| p.will(will_unsent));
         let spec = codec::ConnectSpec {
             client_id: &opts.client_id,
             keep_alive_s: opts.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
@@ -466,6 +469,7 @@ pub async fn run_connection(
             _ = stops.switching.cancelled() => return,
             r = liveness::beating(&beat, &mut tick, connect::handshake(&connector, opts.version, &spec, opts.connect_timeout)) => r,
         };
+        will_unsent = matches!(&attempt, Err(e) if e.is_refused_tcp());
         let (error, lasted, requeued, poisoned) = match attempt {
             Err(e) => (e, None, 0, false),
             Ok(hs) => {

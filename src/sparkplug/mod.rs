@@ -139,7 +139,13 @@ impl SparkplugProfile {
 }
 
 impl Profile for SparkplugProfile {
-    fn will(&mut self) -> Will {
+    fn will(&mut self, reused: bool) -> Will {
+        if reused {
+            // No broker saw the last CONNECT: its bdSeq is still free, and the SD card is
+            // spared a write per retry while nothing listens.
+            let (topic, payload) = self.node.current_will();
+            return Will { topic, payload, retain: false };
+        }
         let (topic, payload, bd_seq) = self.node.next_will();
         self.stats.bd_seq.store(bd_seq, Relaxed);
         if let Err(e) = store_bd_seq(&self.bd_seq_file, bd_seq) {

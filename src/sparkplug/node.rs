@@ -153,8 +153,9 @@ impl EdgeNode {
         (self.ndeath.clone(), self.ndeath_payload(), self.bd_seq)
     }
 
-    pub fn bd_seq(&self) -> u64 {
-        self.bd_seq
+    /// The will with the current `bdSeq` again (its CONNECT never reached a broker).
+    pub fn current_will(&self) -> (String, Vec<u8>) {
+        (self.ndeath.clone(), self.ndeath_payload())
     }
 
     /// NDEATH of the current connection, published before a clean disconnect.
