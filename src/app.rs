@@ -710,9 +710,15 @@ impl Core {
         }
         self.draining.cancel();
         let (queue, shared) = (Arc::clone(&self.queue), Arc::clone(&side.shared));
-        // With a spool and no broker, waiting is pointless: the queue goes to disk.
+        // With a spool and no broker, waiting is pointless: the queue goes to disk. With no
+        // broker and no reading left, only the final state would be waited for, and the last
+        // will says `offline` for us (a broker on this host stops with us, in parallel).
+        let nothing_to_deliver = queue.depth().0 == 0 && queue.stats().iter().all(|l| l.in_flight == 0);
         let drained = if self.spool.is_some() && !shared.is_connected() {
             tracing::info!("The broker is away: the queue goes to the spool instead of draining.");
+            false
+        } else if nothing_to_deliver && !shared.is_connected() {
+            tracing::info!("The broker is away and no reading is waiting: not waiting for it.");
             false
         } else {
             wait_with_progress(&mut side.conn, deadline, || {

@@ -97,6 +97,27 @@ async fn an_idle_gateway_stops_promptly() {
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
+/// Scenario: the broker (on this host) stops first, as systemd stops both in parallel; with
+/// nothing queued the gateway does not wait its `shutdown_timeout` for it: the last will says
+/// `offline` for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_gone_and_nothing_queued_sigterm_does_not_wait() {
+    let dir = common::tempdir();
+    let mut broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
+    let p = dir.path().join("p");
+    let _pty = PtyLink::create(&p).unwrap();
+    let mut gw = Gateway::start(dir.path(), &config(broker.port, "8s", &[("p", &p)]));
+    sub.wait_for(Duration::from_secs(5), |m| m.topic == "sensorgate/it/devices/p/state" && m.json()["state"] == "up")
+        .await;
+    broker.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, took) = stop(&mut gw, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(3), "waited {took:?} for a broker that is gone with nothing to deliver");
+    assert!(gw.log_text().contains("no reading is waiting: not waiting for it"), "{}", gw.log_text());
+}
+
 /// Readings written before SIGTERM but still in the port's kernel buffer are read, decoded
 /// and delivered. A slow decoder (0.5 ms a frame) keeps the buffer full, so at SIGTERM the
 /// kernel holds ~18 KiB of readings (before: all of them lost, uncounted, on every run).

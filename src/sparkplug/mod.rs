@@ -363,7 +363,8 @@ impl SparkplugOutput {
     /// its NDEATH, until `deadline` (with a spool and no broker, not at all: the queue goes to
     /// disk), then stops it and writes what is left to the spool. Returns whether it drained.
     pub async fn finish(mut self, deadline: tokio::time::Instant) -> bool {
-        let wait = self.spool.is_none() || self.shared.is_connected();
+        // Not connected: with a spool or nothing queued, there is nothing to wait for.
+        let wait = self.shared.is_connected() || (self.spool.is_none() && self.queue.depth().0 > 0);
         let drained = wait && tokio::time::timeout_at(deadline, &mut self.conn).await.is_ok();
         if !drained {
             self.hard_stop.cancel();
