@@ -598,9 +598,12 @@ impl Core {
         self.registry.set(runtimes(devices));
         *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next.clone();
 
-        let discovery = next.homeassistant.enabled.then(|| Discovery::new(&next, &self.topics));
+        let mut discovery = next.homeassistant.enabled.then(|| Discovery::new(&next, &self.topics));
         let (removals, messages) = {
             let mut d = self.discovery.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let (Some(old), Some(new)) = (d.as_ref(), discovery.as_mut()) {
+                new.keep_removed_components(old);
+            }
             let removals = match (d.as_ref(), discovery.as_ref()) {
                 (Some(old), Some(new)) => old.removals(new),
                 (Some(old), None) => {

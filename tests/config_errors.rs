@@ -117,6 +117,8 @@ fn corpus(dir: &Path) -> Vec<Case> {
         // --- the spool: a directory that cannot be created, bounds ---
         case("spool dir under a file", cfg(&format!("[spool]\ndir = \"{some_file}/spool\"\n"), ""), "spool.dir", &["the spool directory", "cannot be used"], "create it writable"),
         case("spool too small", cfg("[spool]\ndir = \"/tmp\"\nmax_bytes = \"1KiB\"\n", ""), "spool.max_bytes", &["at least 64KiB"], "256MiB"),
+        // --- Home Assistant ids ---
+        case("HA: two devices, one HA id", format!("{GW}[homeassistant]\nenabled = true\n{DEV_A}[[device]]\nname = \"a.x\"\npath = \"/dev/ttyUSB9\"\nframing = \"lines\"\n[[device]]\nname = \"a_x\"\npath = \"/dev/ttyUSB8\"\nframing = \"lines\"\n"), "device[2].name", &["\"a_x\" and \"a.x\" are one device for Home Assistant"], "rename one"),
         // --- Sparkplug B ---
         case("sparkplug without group_id", cfg("[sparkplug]\nenabled = true\n", ""), "sparkplug.group_id", &["must be set"], "group_id = \"plant-1\""),
         case("sparkplug group_id with a slash", cfg("[sparkplug]\nenabled = true\ngroup_id = \"a/b\"\n", ""), "sparkplug.group_id", &["without '/'"], "plant-1"),

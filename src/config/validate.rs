@@ -212,6 +212,11 @@ impl Config {
         }
         self.validate_spool(&mut p);
         self.validate_sparkplug(&mut p);
+        if self.homeassistant.enabled {
+            for (key, message, fix) in crate::homeassistant::id_problems(self) {
+                p.push(Problem::new(&key, message, fix));
+            }
+        }
         if self.devices.is_empty() && self.buses.is_empty() {
             p.push(Problem::new(
                 "device",
