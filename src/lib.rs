@@ -36,10 +36,12 @@
 //! - [`commands`]: commands over MQTT ([`command`]: their names, a leaf).
 //! - [`sparkplug`]: the Sparkplug B output, a second queue and connection the readings fan
 //!   out to (its profile plugs into [`mqtt`]'s connection task).
-//! - [`app`]: wiring and phased shutdown; [`simulate`]: simulated sensors and Modbus slaves.
+//! - [`app`]: wiring and phased shutdown; [`simulate`]: simulated sensors and Modbus slaves;
+//!   [`capture`]: the file format of `record` and `simulate --replay`.
 
 pub mod app;
 pub mod backoff;
+pub mod capture;
 pub mod command;
 pub mod commands;
 pub mod config;

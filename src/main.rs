@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use sensorgate::capture;
 use sensorgate::config::{Config, ConfigError};
 use sensorgate::decode::Format;
 use sensorgate::framing::Framing;
@@ -84,7 +85,42 @@ enum Command {
         /// Number of the first reading.
         #[arg(long, default_value_t = 0)]
         start: u64,
+        /// Play back a capture made by `sensorgate record` (its bytes, with their timing)
+        /// instead of simulated readings.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["modbus", "framing", "format", "rate", "count", "start"])]
+        replay: Option<PathBuf>,
+        /// With --replay: play faster (2 = twice as fast) or slower (0.5).
+        #[arg(long, default_value_t = 1.0, requires = "replay", value_parser = parse_speed)]
+        speed: f64,
     },
+    /// Record what a serial port sends, with arrival times, into a capture file (see README
+    /// "Captures") that `simulate --replay` plays back.
+    Record {
+        #[arg(long)]
+        port: PathBuf,
+        #[arg(long, default_value_t = 115_200)]
+        baud: u32,
+        /// The capture file to write (replaced if it exists).
+        #[arg(long)]
+        out: PathBuf,
+        /// Stop after this many seconds (default: at Ctrl-C or SIGTERM).
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Stop when the capture reaches this size.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        max_bytes: u64,
+    },
+}
+
+fn parse_speed(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err("give a speed above 0, e.g. 1, 2 or 0.5".into()),
+    }
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("{e} (e.g. 64MiB)"))
 }
 
 /// `units` as given, or a usage error (exit 2, like every other) naming a unit given twice:
@@ -157,10 +193,16 @@ fn main() -> ExitCode {
             }
             exit_from(result)
         }
-        Command::Simulate { link, port, baud, modbus, framing, format, rate, count, start } => {
-            let job = match modbus {
-                Some(units) => SimJob::Modbus { units: distinct_units(units) },
-                None => {
+        Command::Record { port, baud, out, seconds, max_bytes } => {
+            init_logging(cli.log_format, "info");
+            let limit = seconds.map(Duration::from_secs_f64);
+            exit_from(runtime().and_then(|rt| rt.block_on(record_cmd(&port, baud, &out, limit, max_bytes))))
+        }
+        Command::Simulate { link, port, baud, modbus, framing, format, rate, count, start, replay, speed } => {
+            let job = match (modbus, replay) {
+                (_, Some(file)) => SimJob::Replay { file, speed },
+                (Some(units), None) => SimJob::Modbus { units: distinct_units(units) },
+                (None, None) => {
                     let format = format.filter(|f| framing.carries(*f)).unwrap_or(framing.default_format());
                     SimJob::Readings { spec: SimSpec { framing, format }, rate, count, start }
                 }
@@ -431,11 +473,23 @@ enum SimJob {
     Readings { spec: SimSpec, rate: u32, count: u64, start: u64 },
     /// Answers as Modbus RTU meters with these units (a polled bus).
     Modbus { units: Vec<u8> },
+    /// Plays back a capture (`sensorgate record`) at `speed` times its pace.
+    Replay { file: PathBuf, speed: f64 },
 }
 
 async fn simulate_cmd(port: SimPort, job: SimJob, baud: u32) -> anyhow::Result<()> {
     match (port, job) {
         (port, SimJob::Modbus { units }) => serve_meters(port, &units, baud).await,
+        (SimPort::Link(link), SimJob::Replay { file, speed }) => {
+            let mut pty = create_pty(&link)?;
+            tracing::info!(link = %link.display(), file = %file.display(), speed, "Replaying a capture on a pseudo-terminal.");
+            replay(&file, &mut pty.master, speed).await
+        }
+        (SimPort::Serial(path), SimJob::Replay { file, speed }) => {
+            let mut stream = tokio_serial::SerialStream::open(&tokio_serial::new(path.to_string_lossy(), baud))
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            replay(&file, &mut stream, speed).await
+        }
         (SimPort::Link(link), SimJob::Readings { spec, rate, count, start }) => {
             let pty = create_pty(&link)?;
             tracing::info!(link = %link.display(), rate, count, "Simulating a sensor on a pseudo-terminal.");
@@ -454,6 +508,102 @@ async fn simulate_cmd(port: SimPort, job: SimJob, baud: u32) -> anyhow::Result<(
             Ok(())
         }
     }
+}
+
+/// Writes a capture's chunks to `to` at their recorded times (divided by `speed`), until its
+/// end or a signal.
+async fn replay(
+    file: &std::path::Path,
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    speed: f64,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut capture = capture::CaptureReader::new(std::io::BufReader::new(f))
+        .with_context(|| format!("cannot replay {}", file.display()))?;
+    let h = &capture.header;
+    tracing::info!(port = %h.port, baud = h.baud, "Capture header.");
+    let start = tokio::time::Instant::now();
+    let (mut chunks, mut bytes) = (0u64, 0u64);
+    let played = async {
+        while let Some(c) = capture.next_chunk().context("reading the capture")? {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(c.at_us as f64 / 1e6 / speed)).await;
+            to.write_all(&c.bytes).await.context("writing to the port")?;
+            chunks += 1;
+            bytes += c.bytes.len() as u64;
+        }
+        to.flush().await.context("writing to the port")?;
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = played => r?,
+        _ = shutdown_signal() => {}
+    }
+    if capture.truncated {
+        tracing::warn!("The capture was cut short; its whole chunks were played.");
+    }
+    tracing::info!(chunks, bytes, "Replay finished.");
+    // Let the reader take the last bytes before the pseudo-terminal goes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+/// Records what `path` sends into `out` until `limit`, a signal, or `max_bytes`.
+async fn record_cmd(
+    path: &std::path::Path,
+    baud: u32,
+    out: &std::path::Path,
+    limit: Option<Duration>,
+    max_bytes: u64,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use tokio::io::AsyncReadExt;
+    let mut port = tokio_serial::SerialStream::open(&tokio_serial::new(path.to_string_lossy(), baud))
+        .with_context(|| format!("cannot open {} (another program may hold it)", path.display()))?;
+    let file = std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    let started_at_us =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    let header = capture::Header {
+        port: path.display().to_string(),
+        baud,
+        data_bits: 8,
+        parity: "none".into(),
+        stop_bits: 1,
+        started_at_us,
+        recorder: format!("sensorgate {}", env!("CARGO_PKG_VERSION")),
+    };
+    capture::write_header(&mut w, &header)?;
+    tracing::info!(port = %path.display(), baud, out = %out.display(), "Recording; Ctrl-C stops.");
+    let start = tokio::time::Instant::now();
+    let until = limit.map(|l| start + l);
+    let (mut chunks, mut bytes) = (0u64, 0u64);
+    let mut buf = vec![0u8; 4096];
+    let ended = loop {
+        let deadline = until.unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 86_400));
+        let n = tokio::select! {
+            r = port.read(&mut buf) => match r {
+                Ok(0) => break "the port closed",
+                Ok(n) => n,
+                // A pseudo-terminal whose other side closed reads EIO: the device is gone.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => break "the port went away",
+                Err(e) => return Err(e).context("reading the port"),
+            },
+            _ = tokio::time::sleep_until(deadline) => break "time is up",
+            _ = shutdown_signal() => break "stopped",
+        };
+        let at_us = start.elapsed().as_micros() as u64;
+        capture::write_chunk(&mut w, at_us, &buf[..n])?;
+        chunks += 1;
+        bytes += n as u64;
+        if bytes >= max_bytes {
+            break "the capture reached --max-bytes";
+        }
+    };
+    w.flush().context("writing the capture")?;
+    w.get_ref().sync_all().context("writing the capture")?;
+    tracing::info!(chunks, bytes, why = ended, out = %out.display(), "Recording finished.");
+    Ok(())
 }
 
 fn create_pty(link: &std::path::Path) -> anyhow::Result<PtyLink> {
