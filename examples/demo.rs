@@ -248,6 +248,14 @@ fn print_message(topic: &str, payload: &[u8], printed: &mut u64) {
         Some((cut, _)) => println!("{topic}  {}… ({} bytes)", &text[..cut], payload.len()),
         None => println!("{topic}  {text}"),
     }
+    if topic.ends_with("/metrics") {
+        // The gateway measures its own process, which here also holds the broker, the
+        // simulated sensors and this printer.
+        println!(
+            "  (process.rss_bytes and process.cpu_seconds above are this demo's whole process: the in-process \
+             broker, the simulated sensors and the meter, and the gateway; `sensorgate run` measures the gateway alone)"
+        );
+    }
     *printed += 1;
 }
 
