@@ -162,6 +162,9 @@ async fn births_data_deaths_and_rebirth_as_pysparkplug_decodes_them() {
     gw.signal(libc::SIGTERM);
     collect(&mut sub, &mut got, 10, |m| kind(m) == "NDEATH").await;
     assert!(gw.wait(Duration::from_secs(10)).success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after: Vec<String> = std::iter::from_fn(|| sub.rx.try_recv().ok()).map(|m| m.topic).collect();
+    assert!(after.is_empty(), "nothing after the NDEATH: {after:?}");
 
     let decoded = decode(&python, &got);
     for v in &decoded {

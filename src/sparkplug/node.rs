@@ -161,7 +161,11 @@ impl EdgeNode {
     /// NDEATH of the current connection, published before a clean disconnect.
     pub fn farewell(&mut self) -> Option<Publish> {
         let was_born = std::mem::take(&mut self.node_born);
-        (self.connected && was_born).then(|| Publish { topic: self.ndeath.clone(), payload: self.ndeath_payload() })
+        let said = (self.connected && was_born)
+            .then(|| Publish { topic: self.ndeath.clone(), payload: self.ndeath_payload() });
+        // Dead until the next connection: nothing is born again before the DISCONNECT.
+        self.connected = false;
+        said
     }
 
     fn ndeath_payload(&self) -> Vec<u8> {

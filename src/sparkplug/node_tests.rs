@@ -164,3 +164,15 @@ fn a_declared_device_is_born_when_up_before_its_first_reading() {
     node.reading("m", br#"{"voltage":230.5,"relay":false}"#, &mut out).unwrap();
     assert_eq!(kinds(&out), ["DDATA"], "the types were right: no second birth");
 }
+
+#[test]
+fn after_the_farewell_nothing_is_born_again() {
+    let mut node = connected_node();
+    let mut out = Vec::new();
+    node.due(Health::default(), &mut out);
+    assert!(node.farewell().is_some());
+    out.clear();
+    node.due(Health::default(), &mut out);
+    assert!(out.is_empty() && !node.may_publish(), "{:?}", kinds(&out));
+    assert!(node.farewell().is_none(), "said once");
+}
