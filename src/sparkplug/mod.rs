@@ -80,9 +80,13 @@ impl SparkplugProfile {
         let now = Instant::now();
         if self.states_at.is_none_or(|t| now.duration_since(t) >= STATES_EVERY) {
             self.states_at = Some(now);
-            for d in self.registry.snapshot() {
-                self.node.set_device_up(d.name(), d.status().state == State::Up);
-            }
+            let now: Vec<(String, bool)> = self
+                .registry
+                .snapshot()
+                .iter()
+                .map(|d| (d.name().to_string(), d.status().state == State::Up))
+                .collect();
+            self.node.set_devices(&now);
         }
         if self.health_at.is_none_or(|t| now.duration_since(t) >= HEALTH_EVERY) {
             self.health_at = Some(now);

@@ -297,6 +297,19 @@ impl EdgeNode {
         d.up = up;
     }
 
+    /// The devices configured now and whether each is `up`; one no longer configured (a
+    /// reload removed it) is not up: it dies.
+    pub fn set_devices(&mut self, now: &[(String, bool)]) {
+        for (name, d) in &mut self.devices {
+            if !now.iter().any(|(n, _)| n == name) {
+                d.up = false;
+            }
+        }
+        for (name, up) in now {
+            self.set_device_up(name, *up);
+        }
+    }
+
     fn device(&mut self, name: &str) -> &mut Device {
         let (group, node) = (&self.group, &self.node);
         self.devices.entry(name.to_string()).or_insert_with(|| {

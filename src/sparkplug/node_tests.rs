@@ -80,6 +80,10 @@ fn death_when_the_device_leaves_up_and_birth_when_it_returns() {
     node.set_device_up("d", true);
     node.due(Health::default(), &mut out);
     assert_eq!(kinds(&out), ["DBIRTH"], "its known metrics, at once");
+    out.clear();
+    node.set_devices(&[("other".to_string(), true)]);
+    node.due(Health::default(), &mut out);
+    assert_eq!(kinds(&out), ["DDEATH"], "a device a reload removed dies");
 }
 
 #[test]
