@@ -59,5 +59,6 @@ pub mod reject;
 pub mod simulate;
 pub mod sparkplug;
 pub mod spool;
+pub mod status;
 pub mod telemetry;
 pub mod topics;
