@@ -183,7 +183,10 @@ async fn each_device_shows_its_real_state_and_the_exit_status_says_whether_all_i
     let solo = solo_dir.path().join("solo");
     let solo_pty = PtyLink::create(&solo).unwrap();
     let mut solo_sub = Subscriber::connect(broker.port, "sensorgate/solo/devices/+/state").await;
-    let solo_gw = Gateway::start(solo_dir.path(), &gateway_toml("solo", broker.port, &device_toml("s", &solo, "")));
+    // A fixed client id in the config: `status` must use its own, or it would kick the gateway.
+    let solo_toml = gateway_toml("solo", broker.port, &device_toml("s", &solo, ""))
+        .replace("[mqtt]\n", "[mqtt]\nclient_id = \"solo-gw\"\n");
+    let mut solo_gw = Gateway::start(solo_dir.path(), &solo_toml);
     let _solo_sending = keep_sending(solo_pty);
     wait_for_states(&mut solo_sub, &mut BTreeMap::new(), |s| state_of(s, "s") == "up").await;
     let (code, table, stderr, _) = status(&["--config", solo_gw.config.to_str().unwrap()]).await;
@@ -196,7 +199,56 @@ async fn each_device_shows_its_real_state_and_the_exit_status_says_whether_all_i
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["devices"]["s"]["state"], "up");
     assert!(v["devices"]["s"]["readings_per_s"].as_f64().unwrap() > 0.0, "{v}");
+
+    // --watch redraws on every metrics message (piped: one table after another, no escape
+    // codes) until SIGINT, then exits with the last verdict.
+    let solo_config = solo_gw.config.clone();
+    let (code, watched) = tokio::task::spawn_blocking(move || watch_until_tables(&solo_config, 3)).await.unwrap();
+    assert_eq!(code, Some(0), "{watched}");
+    assert!(watched.matches("gateway solo  online").count() >= 3, "{watched}");
+    assert!(!watched.contains('\x1b'), "not a terminal: no escape codes\n{watched}");
+
+    // The gateway never noticed: no reconnects, no client-id conflict.
+    let mut solo_metrics = Subscriber::connect(broker.port, "sensorgate/solo/metrics").await;
+    let (m, _) = solo_metrics.wait_for(Duration::from_secs(5), |_| true).await;
+    let mqtt = &m.json()["mqtt"];
+    assert_eq!((mqtt["reconnects"].as_u64(), mqtt["kicked_after_connect"].as_u64()), (Some(0), Some(0)), "{mqtt}");
+
+    // Stopped: offline, exit 1 at once (no metrics are coming, none are waited for).
+    solo_gw.signal(libc::SIGTERM);
+    assert!(solo_gw.wait(Duration::from_secs(10)).success());
+    let (code, table, stderr, took) = status(&["--broker", &broker_addr, "--gateway", "solo"]).await;
+    assert_eq!(code, Some(1), "{table}{stderr}");
+    assert!(table.starts_with("gateway solo  offline"), "{table}");
+    assert_eq!(row(&table, "s")[1], "stopped", "the last state it published\n{table}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
     drop(quiet_pty);
+}
+
+/// Runs `status --config <config> --watch` until it has printed `tables` tables, then sends
+/// SIGINT: (exit status, everything it printed).
+fn watch_until_tables(config: &Path, tables: usize) -> (Option<i32>, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+        .args(["status", "--watch", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = String::new();
+    let mut seen = 0;
+    while seen < tables {
+        let line = lines.next().unwrap_or_else(|| panic!("watch ended early:\n{out}")).unwrap();
+        seen += usize::from(line.starts_with("gateway "));
+        out += &line;
+        out.push('\n');
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    (status.code(), out)
 }
 
 #[tokio::test]
