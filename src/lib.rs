@@ -37,6 +37,8 @@
 //! - [`sparkplug`]: the Sparkplug B output, a second queue and connection the readings fan
 //!   out to (its profile plugs into [`mqtt`]'s connection task).
 //! - [`app`]: wiring and phased shutdown; [`simulate`]: simulated sensors and Modbus slaves.
+//! - [`status`]: `sensorgate status`, a reader of what a gateway publishes about itself (its
+//!   own connection; rendering sans-IO).
 
 pub mod app;
 pub mod backoff;
