@@ -347,7 +347,6 @@ impl Observation {
         for (topic, error) in &self.unreadable {
             notes.push(format!("unreadable message on {topic}: {error}"));
         }
-        notes.push("version: not shown (the metrics do not carry it)".to_string());
         let gateway = GatewayRow {
             id: self.topics.gateway.clone(),
             topic_prefix: self.topics.prefix.clone(),
