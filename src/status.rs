@@ -199,6 +199,9 @@ pub enum Update {
 #[derive(Debug, Clone)]
 pub struct Observation {
     topics: StatusTopics,
+    /// The devices of the gateway's config, when `status` read it: shown even if the gateway
+    /// says nothing about them, and waited for.
+    configured: Vec<String>,
     gateway: Option<String>,
     devices: BTreeMap<String, DeviceStatus>,
     previous: Option<Sample>,
@@ -208,9 +211,10 @@ pub struct Observation {
 }
 
 impl Observation {
-    pub fn new(topics: StatusTopics) -> Self {
+    pub fn new(topics: StatusTopics, configured: Vec<String>) -> Self {
         Self {
             topics,
+            configured,
             gateway: None,
             devices: BTreeMap::new(),
             previous: None,
@@ -282,6 +286,11 @@ impl Observation {
         if !barrier {
             return false;
         }
+        // A broker may hold some retained messages back behind its in-flight window (mosquitto:
+        // 20) and answer the PINGREQ first: a configured device's state may still be coming.
+        if self.gateway.is_some() && !self.configured.iter().all(|d| self.devices.contains_key(d)) {
+            return false;
+        }
         match self.gateway.as_deref() {
             Some("online") => match self.metrics_seen {
                 0 => false,
@@ -292,10 +301,10 @@ impl Observation {
         }
     }
 
-    /// The report as of `now` (wall clock, for the age of `since`). `configured`: the devices
-    /// of the gateway's config, when `status` read it (shown even if the gateway says nothing
-    /// about them); `waited`: how long the tool waited, for the notes.
-    pub fn report(&self, now: SystemTime, configured: &[String], waited: Duration) -> Report {
+    /// The report as of `now` (wall clock, for the age of `since`); `waited`: how long the
+    /// tool waited, for the notes.
+    pub fn report(&self, now: SystemTime, waited: Duration) -> Report {
+        let configured = &self.configured;
         let latest = self.latest.as_ref();
         let mut names: Vec<&str> = configured.iter().map(String::as_str).collect();
         match latest {

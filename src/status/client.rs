@@ -87,13 +87,13 @@ pub async fn run(
     out: &mut dyn Write,
 ) -> Verdict {
     let started = Instant::now();
-    let mut obs = Observation::new(target.topics.clone());
+    let mut obs = Observation::new(target.topics.clone(), target.configured.clone());
     if options.watch {
         return watch(target, options, shutdown, out, &mut obs, started).await;
     }
     match once(target, options.timeout, &mut obs, started).await {
         Ok(()) => {
-            let report = obs.report(SystemTime::now(), &target.configured, started.elapsed());
+            let report = obs.report(SystemTime::now(), started.elapsed());
             let text = if options.json { report.json() + "\n" } else { report.table(options.colour) };
             let _ = out.write_all(text.as_bytes());
             report.verdict
@@ -157,7 +157,7 @@ async fn watch(
     let tty = options.colour == Colour::On || std::io::IsTerminal::is_terminal(&std::io::stdout());
     let mut verdict = Verdict::Unreachable;
     let draw = |obs: &Observation, out: &mut dyn Write| {
-        let report = obs.report(SystemTime::now(), &target.configured, started.elapsed());
+        let report = obs.report(SystemTime::now(), started.elapsed());
         // Clear the screen and home the cursor (as `top` does); piped, one table after another.
         let clear = if tty { "\x1b[H\x1b[2J" } else { "" };
         let _ = writeln!(out, "{clear}{}", report.table(options.colour));

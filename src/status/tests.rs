@@ -54,7 +54,12 @@ fn ms(n: u64) -> Duration {
 
 /// An online gateway with one healthy device, two metrics messages 2 s apart.
 fn healthy() -> Observation {
-    let mut o = Observation::new(topics());
+    healthy_configured(&[])
+}
+
+/// The same, from a status run that read a config naming `configured`.
+fn healthy_configured(configured: &[&str]) -> Observation {
+    let mut o = Observation::new(topics(), configured.iter().map(|d| d.to_string()).collect());
     assert_eq!(o.take("sensorgate/gw/state", b"online", ms(10)), Update::Gateway);
     assert_eq!(o.take("sensorgate/gw/devices/a/state", &state("up", 90, 0, None), ms(11)), Update::Device);
     let m1 = metrics(100, serde_json::json!({"a": device(1000, Some(50), no_rejects())}));
@@ -66,7 +71,7 @@ fn healthy() -> Observation {
 
 #[test]
 fn a_healthy_gateway_exits_0_with_rates_from_two_metrics_messages() {
-    let r = healthy().report(now(), &[], ms(2500));
+    let r = healthy().report(now(), ms(2500));
     assert_eq!((r.verdict, r.exit), (Verdict::Healthy, 0));
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     let a = &r.devices["a"];
@@ -100,13 +105,13 @@ fn the_rate_uses_arrival_times_unless_they_disagree_with_uptime() {
 
 #[test]
 fn dropped_is_the_sum_and_the_top_rejected_reason_is_the_most_frequent() {
-    let mut o = Observation::new(topics());
+    let mut o = Observation::new(topics(), Vec::new());
     o.take("sensorgate/gw/state", b"online", ms(1));
     o.take("sensorgate/gw/devices/a/state", &state("up", 5, 0, None), ms(1));
     let rejected = serde_json::json!({"bad_json": 7, "oversize": 2, "bad_utf8": 7, "total": 16});
     let d = serde_json::json!({"state": "up", "readings": 10, "rejected": rejected, "dropped_oldest": 5, "expired": 3, "poisoned": 2});
     o.take("sensorgate/gw/metrics", &metrics(9, serde_json::json!({"a": d})), ms(2));
-    let r = o.report(now(), &[], ms(3000));
+    let r = o.report(now(), ms(3000));
     let a = &r.devices["a"];
     assert_eq!(a.dropped, Some(10));
     assert_eq!(a.rejected, Some(16));
@@ -122,31 +127,31 @@ fn dropped_is_the_sum_and_the_top_rejected_reason_is_the_most_frequent() {
 fn a_device_not_up_an_offline_gateway_or_no_metrics_exit_1() {
     let mut o = healthy();
     o.take("sensorgate/gw/devices/a/state", &state("stale", 3, 0, Some("no data for 1s")), ms(3000));
-    let r = o.report(now(), &[], ms(3000));
+    let r = o.report(now(), ms(3000));
     assert_eq!((r.verdict, r.exit), (Verdict::Unhealthy, 1));
     assert_eq!(r.problems, ["a is stale"]);
     assert_eq!(r.devices["a"].last_error.as_deref(), Some("no data for 1s"));
 
     let mut o = healthy();
     o.take("sensorgate/gw/state", b"offline", ms(3000));
-    assert_eq!(o.report(now(), &[], ms(3000)).problems, ["gateway is offline"]);
+    assert_eq!(o.report(now(), ms(3000)).problems, ["gateway is offline"]);
 
-    let mut o = Observation::new(topics());
+    let mut o = Observation::new(topics(), Vec::new());
     o.take("sensorgate/gw/state", b"online", ms(1));
     o.take("sensorgate/gw/devices/a/state", &state("up", 5, 0, None), ms(1));
-    let r = o.report(now(), &[], ms(15_000));
+    let r = o.report(now(), ms(15_000));
     assert_eq!(r.problems, ["no metrics"]);
     assert_eq!(r.devices["a"].state.as_deref(), Some("up"), "the retained state is shown without metrics");
     assert_eq!(r.devices["a"].readings_per_s, None);
 
-    let r = Observation::new(topics()).report(now(), &[], ms(1));
+    let r = Observation::new(topics(), Vec::new()).report(now(), ms(1));
     assert_eq!(r.exit, 1);
     assert_eq!(r.problems, ["nothing retained on sensorgate/gw/state (wrong gateway id or prefix?)"]);
 }
 
 #[test]
 fn configured_devices_the_gateway_says_nothing_about_are_problems() {
-    let r = healthy().report(now(), &["a".to_string(), "b".to_string()], ms(1));
+    let r = healthy_configured(&["a", "b"]).report(now(), ms(1));
     assert_eq!(r.problems, ["b: no state"]);
     assert_eq!(r.devices["b"].delivered, None);
 }
@@ -159,7 +164,7 @@ fn retained_states_of_devices_no_longer_reported_are_noted_not_shown() {
     o.take("sensorgate/gw/devices/gone/state", &state("up", 1, 0, None), ms(1));
     assert_eq!(o.take("sensorgate/gw/devices/gone/state", b"", ms(2)), Update::Device);
     assert_eq!(o.take("sensorgate/other/state", b"offline", ms(2)), Update::Ignored);
-    let r = o.report(now(), &[], ms(1));
+    let r = o.report(now(), ms(1));
     assert_eq!(r.devices.keys().collect::<Vec<_>>(), ["a"]);
     assert_eq!(r.verdict, Verdict::Healthy);
     assert!(r.notes.iter().any(|n| n.ends_with("not shown: old")), "{:?}", r.notes);
@@ -169,14 +174,14 @@ fn retained_states_of_devices_no_longer_reported_are_noted_not_shown() {
 fn an_unreadable_message_is_noted_and_skipped() {
     let mut o = healthy();
     assert_eq!(o.take("sensorgate/gw/metrics", b"{not json", ms(3000)), Update::Ignored);
-    let r = o.report(now(), &[], ms(1));
+    let r = o.report(now(), ms(1));
     assert_eq!(r.devices["a"].readings_per_s, Some(20.0), "the last good pair still counts");
     assert!(r.notes.iter().any(|n| n.starts_with("unreadable message on sensorgate/gw/metrics")), "{:?}", r.notes);
 }
 
 #[test]
 fn complete_waits_for_the_retained_states_and_enough_metrics() {
-    let mut o = Observation::new(topics());
+    let mut o = Observation::new(topics(), Vec::new());
     let secs = Duration::from_secs;
     assert!(o.complete(true, secs(10), None), "nothing retained: nothing is coming");
     assert!(!o.complete(false, secs(10), None), "before the PINGRESP the retained messages may still come");
@@ -188,16 +193,27 @@ fn complete_waits_for_the_retained_states_and_enough_metrics() {
     assert!(o.complete(true, secs(10), Some(secs(30))), "a second one cannot come in time");
     o.take("sensorgate/gw/metrics", &metrics(2, serde_json::json!({})), ms(3));
     assert!(o.complete(true, secs(10), None));
-    let mut offline = Observation::new(topics());
+    let mut offline = Observation::new(topics(), Vec::new());
     offline.take("sensorgate/gw/state", b"offline", ms(1));
     assert!(offline.complete(true, secs(10), None), "an offline gateway sends no metrics");
 }
 
+/// A broker may send the PINGRESP before retained messages its in-flight window held back.
+#[test]
+fn complete_waits_for_the_state_of_every_configured_device() {
+    let mut o = Observation::new(topics(), vec!["a".into(), "b".into()]);
+    o.take("sensorgate/gw/state", b"offline", ms(1));
+    o.take("sensorgate/gw/devices/a/state", &state("stopped", 5, 0, None), ms(1));
+    assert!(!o.complete(true, Duration::from_secs(10), None));
+    o.take("sensorgate/gw/devices/b/state", &state("stopped", 5, 0, None), ms(2));
+    assert!(o.complete(true, Duration::from_secs(10), None));
+}
+
 #[test]
 fn the_table_shows_every_column_and_colours_only_when_asked() {
-    let mut o = healthy();
+    let mut o = healthy_configured(&["b"]);
     o.take("sensorgate/gw/devices/b/state", &state("backoff", 125, 3, Some("unplugged\nport gone")), ms(1));
-    let r = o.report(now(), &["b".to_string()], ms(1));
+    let r = o.report(now(), ms(1));
     let plain = r.table(Colour::Off);
     assert!(!plain.contains('\x1b'), "{plain}");
     let lines: Vec<&str> = plain.lines().collect();
@@ -241,7 +257,7 @@ fn the_table_shows_every_column_and_colours_only_when_asked() {
 
 #[test]
 fn json_carries_the_same_data() {
-    let r = healthy().report(now(), &[], ms(1));
+    let r = healthy().report(now(), ms(1));
     let v: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
     assert_eq!(v["verdict"], "healthy");
     assert_eq!(v["exit"], 0);
