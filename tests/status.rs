@@ -202,8 +202,8 @@ async fn each_device_shows_its_real_state_and_the_exit_status_says_whether_all_i
 
     // --watch redraws on every metrics message (piped: one table after another, no escape
     // codes) until SIGINT, then exits with the last verdict.
-    let solo_config = solo_gw.config.clone();
-    let (code, watched) = tokio::task::spawn_blocking(move || watch_until_tables(&solo_config, 3)).await.unwrap();
+    let watch = Watch::start(&["--config", solo_gw.config.to_str().unwrap()]).read_until(3, is_table).await;
+    let (code, watched) = watch.interrupt();
     assert_eq!(code, Some(0), "{watched}");
     assert!(watched.matches("gateway solo  online").count() >= 3, "{watched}");
     assert!(!watched.contains('\x1b'), "not a terminal: no escape codes\n{watched}");
@@ -225,30 +225,89 @@ async fn each_device_shows_its_real_state_and_the_exit_status_says_whether_all_i
     drop(quiet_pty);
 }
 
-/// Runs `status --config <config> --watch` until it has printed `tables` tables, then sends
-/// SIGINT: (exit status, everything it printed).
-fn watch_until_tables(config: &Path, tables: usize) -> (Option<i32>, String) {
-    use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
-        .args(["status", "--watch", "--config"])
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut out = String::new();
-    let mut seen = 0;
-    while seen < tables {
-        let line = lines.next().unwrap_or_else(|| panic!("watch ended early:\n{out}")).unwrap();
-        seen += usize::from(line.starts_with("gateway "));
-        out += &line;
-        out.push('\n');
+/// `sensorgate status --watch` with its stdout piped, read line by line.
+struct Watch {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// Everything read so far.
+    out: String,
+}
+
+impl Watch {
+    fn start(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+            .args(["status", "--watch"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, lines, out: String::new() }
     }
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let status = child.wait().unwrap();
-    (status.code(), out)
+
+    /// Reads until `count` lines for which `pred` holds have come, for at most 20 s (then the
+    /// process is killed, which ends the read, and the test fails).
+    async fn read_until(mut self, count: usize, pred: fn(&str) -> bool) -> Self {
+        let pid = self.child.id() as i32;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut seen = 0;
+            while seen < count {
+                let Some(Ok(line)) = self.lines.next() else { return Err(self) };
+                seen += usize::from(pred(&line));
+                self.out += &line;
+                self.out.push('\n');
+            }
+            Ok(self)
+        });
+        match tokio::time::timeout(Duration::from_secs(20), read).await {
+            Ok(Ok(Ok(w))) => w,
+            Ok(Ok(Err(w))) => panic!("watch ended early:\n{}", w.out),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("status --watch did not print the expected lines within 20 s");
+            }
+        }
+    }
+
+    /// SIGINT, as Ctrl-C: (exit status, everything it printed).
+    fn interrupt(mut self) -> (Option<i32>, String) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) }, 0);
+        let status = self.child.wait().unwrap();
+        (status.code(), self.out)
+    }
+}
+
+fn is_table(line: &str) -> bool {
+    line.starts_with("gateway ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_carries_on_after_the_broker_restarts() {
+    let dir = common::tempdir();
+    let mut broker = Mosquitto::start();
+    let a = dir.path().join("a");
+    let pty = PtyLink::create(&a).unwrap();
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/w/devices/+/state").await;
+    let toml = gateway_toml("w", broker.port, &device_toml("a", &a, ""))
+        .replace("[mqtt]\n", "[mqtt]\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\n");
+    let gw = Gateway::start(dir.path(), &toml);
+    let _sending = keep_sending(pty);
+    wait_for_states(&mut sub, &mut BTreeMap::new(), |s| state_of(s, "a") == "up").await;
+    drop(sub);
+    let watch = Watch::start(&["--timeout", "5s", "--config", gw.config.to_str().unwrap()]);
+    let watch = watch.read_until(2, is_table).await;
+    broker.restart();
+    let watch = watch.read_until(1, |l| l.starts_with("(connecting again in 2s")).await;
+    let watch = watch.read_until(2, |l| l.starts_with("gateway w  online")).await;
+    let (code, out) = watch.interrupt();
+    assert_eq!(code, Some(0), "the last table: online, every device up\n{out}");
+    let after = &out[out.find("(connecting again").unwrap()..];
+    assert!(row(after, "a")[1] == "up", "{out}");
 }
 
 #[tokio::test]
