@@ -1,6 +1,6 @@
 //! `sensorgate status`: what a gateway says about itself on MQTT (retained states, metrics),
 //! gathered into a [`Report`] and rendered as a table or JSON. Sans-IO: no sockets, no clock
-//! (times are passed in); [`client`] does the MQTT I/O.
+//! (times are passed in); `client` does the MQTT I/O.
 //!
 //! Readings per second come from the difference of two metrics messages. The metrics'
 //! `uptime_s` counts whole seconds, too coarse for a `metrics_interval` of a few seconds or
