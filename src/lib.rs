@@ -38,6 +38,8 @@
 //!   out to (its profile plugs into [`mqtt`]'s connection task).
 //! - [`app`]: wiring and phased shutdown; [`simulate`]: simulated sensors and Modbus slaves;
 //!   [`capture`]: the file format of `record` and `simulate --replay`.
+//! - [`status`]: `sensorgate status`, a reader of what a gateway publishes about itself (its
+//!   own connection; rendering sans-IO).
 
 pub mod app;
 pub mod backoff;
@@ -61,5 +63,6 @@ pub mod reject;
 pub mod simulate;
 pub mod sparkplug;
 pub mod spool;
+pub mod status;
 pub mod telemetry;
 pub mod topics;

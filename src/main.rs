@@ -46,6 +46,33 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show a running gateway's health from what it publishes on MQTT (retained states,
+    /// metrics): a table, or JSON. Exit 0: online and every device up; 1: anything else
+    /// (offline, a device not up, no metrics); 2: the broker cannot be reached.
+    Status {
+        /// The gateway's config: broker, TLS, credentials, topic prefix, gateway id.
+        #[arg(long, short, required_unless_present = "broker", conflicts_with_all = ["broker", "gateway", "prefix"])]
+        config: Option<PathBuf>,
+        /// HOST[:PORT] of the broker (plain TCP; port 1883 if not given), instead of --config.
+        #[arg(long, value_name = "HOST[:PORT]", value_parser = parse_broker, requires = "gateway")]
+        broker: Option<(String, u16)>,
+        /// The gateway's id (with --broker).
+        #[arg(long, value_name = "ID", value_parser = parse_gateway_id)]
+        gateway: Option<String>,
+        /// The topic prefix (with --broker; default "sensorgate").
+        #[arg(long, value_parser = parse_prefix)]
+        prefix: Option<String>,
+        /// Bounds the whole run. Default: 15s, or the config's metrics_interval + 5s if longer
+        /// (a metrics message must have time to arrive).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Redraw the table in place on every metrics message until Ctrl-C.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+    },
     /// Simulate a sensor: write readings to a serial port, or to a pseudo-terminal linked at a
     /// path; or, with --modbus, answer as Modbus RTU energy meters there.
     Simulate {
@@ -140,6 +167,18 @@ fn distinct_units(units: Vec<u8>) -> Vec<u8> {
     units
 }
 
+fn parse_broker(s: &str) -> Result<(String, u16), String> {
+    sensorgate::status::parse_broker(s)
+}
+
+fn parse_gateway_id(s: &str) -> Result<String, String> {
+    sensorgate::status::check_topic_name("gateway id", s, false).map(|()| s.to_string())
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    sensorgate::status::check_topic_name("topic prefix", s, true).map(|()| s.to_string())
+}
+
 fn parse_framing(name: &str) -> Result<Framing, String> {
     Framing::from_name(name).ok_or_else(|| format!("use one of: {}", Framing::ALL.map(Framing::as_str).join(", ")))
 }
@@ -193,6 +232,36 @@ fn main() -> ExitCode {
             }
             exit_from(result)
         }
+        Command::Status { config, broker, gateway, prefix, timeout, json, watch } => {
+            let target = match (config, broker) {
+                (Some(path), _) => {
+                    let config = match Config::load(&path) {
+                        Ok(c) => c,
+                        Err(e) => return config_failure(&e),
+                    };
+                    match sensorgate::status::Target::from_config(&config) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            eprintln!("{}: {e}", path.display());
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    }
+                }
+                (None, Some((host, port))) => {
+                    // clap: --broker requires --gateway.
+                    let gateway = gateway.unwrap_or_default();
+                    sensorgate::status::Target::plain(host, port, prefix.as_deref().unwrap_or("sensorgate"), &gateway)
+                }
+                (None, None) => unreachable!("clap requires --config or --broker"),
+            };
+            // Without a metrics message the answer is "no metrics": wait long enough for one.
+            let timeout = timeout.unwrap_or_else(|| {
+                STATUS_TIMEOUT.max(target.metrics_interval.map_or(Duration::ZERO, |i| i + Duration::from_secs(5)))
+            });
+            let options =
+                sensorgate::status::Options { timeout, json, colour: sensorgate::status::Colour::for_stdout(), watch };
+            status_cmd(&target, options)
+        }
         Command::Record { port, baud, out, seconds, max_bytes } => {
             init_logging(cli.log_format, "info");
             let limit = seconds.map(Duration::from_secs_f64);
@@ -217,6 +286,27 @@ fn main() -> ExitCode {
             exit_from(runtime().and_then(|rt| rt.block_on(simulate_cmd(port, job, baud))))
         }
     }
+}
+
+/// `status --timeout` when not given (at least; see there).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A runtime of its own on this thread; errors go to stderr as text (no logging is set up: the
+/// output is the table).
+fn status_cmd(target: &sensorgate::status::Target, options: sensorgate::status::Options) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sensorgate status: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let verdict = rt.block_on(sensorgate::status::run(target, options, shutdown_signal(), &mut stdout));
+    // A DNS lookup still running on a blocking thread (the timeout gave up on it) is left
+    // behind, not waited for.
+    rt.shutdown_background();
+    ExitCode::from(verdict.exit_code())
 }
 
 /// glibc gives every thread that allocates its own malloc arena; with several input threads

@@ -96,13 +96,40 @@ async fn readings_flow_over_tls_with_a_client_certificate() {
         client_cert.display(),
         client_key.display()
     );
-    let _gw = Gateway::start(dir.path(), &config(tls_port, &a, &tls));
+    // Metrics often enough for `status` below not to wait long.
+    let toml = config(tls_port, &a, &tls).replace("[gateway]\n", "[gateway]\nmetrics_interval = \"200ms\"\n");
+    let gw = Gateway::start(dir.path(), &toml);
     sub.wait_for(Duration::from_secs(10), |m| m.topic == "sensorgate/it/state" && m.text() == "online").await;
     let mut lines = Vec::new();
     SimSpec { framing: Framing::Lines, format: Format::Json }.render(7, common::now_us(), &mut lines);
     write_all(&mut pty.master, &lines).await;
     let (m, _) = sub.wait_for(Duration::from_secs(10), |m| m.topic.ends_with("/readings")).await;
     assert_eq!(m.json()["n"], 7);
+
+    // `sensorgate status` reaches the broker as the gateway does: TLS with its client certificate.
+    let config_path = gw.config.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || status_json(&config_path)).await.unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["gateway"]["state"].as_str(), v["devices"]["a"]["delivered"].as_u64()), (Some("online"), Some(1)));
+    // Trusting another CA: the broker cannot be reached (exit 2), and stderr says why.
+    let other = self::ca(dir.path(), "other");
+    let wrong = dir.path().join("wrong-ca.toml");
+    std::fs::write(&wrong, toml.replace(&ca.pem.display().to_string(), &other.pem.display().to_string())).unwrap();
+    let (code, out, err) = tokio::task::spawn_blocking(move || status_json(&wrong)).await.unwrap();
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+/// `sensorgate status --json --config <path> --timeout 10s`: (exit status, stdout, stderr).
+fn status_json(config: &Path) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+        .args(["status", "--json", "--timeout", "10s", "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 /// Starts a gateway that cannot complete the handshake and returns the TLS errors it logged.
