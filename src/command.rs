@@ -14,10 +14,19 @@ pub enum Command {
     Help,
     /// Write a `writable` point of a Modbus slave.
     Write,
+    /// Record a device's port into a capture file for a while (off unless allowed by name).
+    Record,
 }
 
 impl Command {
-    pub const ALL: [Self; 5] = [Self::RestartDevice, Self::Metrics, Self::Config, Self::Help, Self::Write];
+    pub const ALL: [Self; 6] =
+        [Self::RestartDevice, Self::Metrics, Self::Config, Self::Help, Self::Write, Self::Record];
+
+    /// Whether it runs without being named in `[commands] allow`: `record` writes files on
+    /// the gateway, so it must be asked for.
+    pub fn on_by_default(self) -> bool {
+        self != Self::Record
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -26,6 +35,7 @@ impl Command {
             Self::Config => "config",
             Self::Help => "help",
             Self::Write => "write",
+            Self::Record => "record",
         }
     }
 

@@ -425,7 +425,32 @@ impl CommandContext {
                 Ok(redacted(config.source.as_ref()))
             }
             Command::Help => Ok(json!({"commands": self.allowed.iter().map(|c| c.as_str()).collect::<Vec<_>>()})),
+            Command::Record => self.record(body),
         }
+    }
+
+    /// `record`: `{"device": …, "seconds": 1..=3600 (default 60), "max_bytes": up to 64 MiB
+    /// (default 16 MiB)}` records the device's port into `<state_dir>/captures/`.
+    fn record(&self, body: &Value) -> Result<Value, Refused> {
+        let bad = |text: String| Refused::new(Refusal::BadRequest, text);
+        let device = body.get("device").and_then(Value::as_str).ok_or_else(|| {
+            bad(format!("give {{\"device\": \"…\", \"seconds\": 60}} (one of {})", self.device_names()))
+        })?;
+        let seconds = body.get("seconds").map_or(Some(60), Value::as_u64).filter(|s| (1..=3600).contains(s));
+        let seconds = seconds.ok_or_else(|| bad("seconds: a whole number from 1 to 3600".into()))?;
+        let max_bytes =
+            body.get("max_bytes").map_or(Some(16 << 20), Value::as_u64).filter(|b| (1..=64 << 20).contains(b));
+        let max_bytes = max_bytes.ok_or_else(|| bad("max_bytes: from 1 to 67108864".into()))?;
+        let dev = self.devices.snapshot().into_iter().find(|d| d.name() == device);
+        let dev = dev.ok_or_else(|| bad(format!("no device {device:?}; devices: {}", self.device_names())))?;
+        if !matches!(dev.config.input, crate::config::Input::Stream(_)) {
+            return Err(bad(format!("{device:?} is polled on a bus; only a listening device's port can be recorded")));
+        }
+        let dir =
+            self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner).gateway.state_dir().join("captures");
+        let file =
+            dev.recorder.start(&dir, device, &dev.config.port, Duration::from_secs(seconds), max_bytes).map_err(bad)?;
+        Ok(json!({"device": device, "file": file.display().to_string(), "seconds": seconds, "max_bytes": max_bytes}))
     }
 
     fn device_names(&self) -> String {

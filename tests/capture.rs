@@ -152,3 +152,66 @@ fn replaying_something_else_says_why() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("not a sensorgate capture"), "{stderr}");
 }
+
+/// Scenario: the running gateway records a device on request (`record` command, allowed by
+/// name: it is off by default); the capture holds exactly the bytes the port sent meanwhile,
+/// and `record` without being allowed is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_gateway_records_a_device_on_request() {
+    let dir = common::tempdir();
+    let broker = Mosquitto::start();
+    let mut sub = Subscriber::connect(broker.port, "sensorgate/it/#").await;
+    let link = dir.path().join("d");
+    let mut pty = PtyLink::create(&link).unwrap();
+    let state = dir.path().join("state");
+    let text = config(dir.path(), broker.port, &link).replacen(
+        "[mqtt]",
+        &format!(
+            "state_dir = \"{}\"\n[commands]\nenabled = true\nallow = [\"record\", \"help\"]\n[mqtt]",
+            state.display()
+        ),
+        1,
+    );
+    let gw = Gateway::start(dir.path(), &text);
+    sub.wait_for(Duration::from_secs(10), |m| m.topic == "sensorgate/it/devices/d/state" && m.json()["state"] == "up")
+        .await;
+    common::publish(broker.port, "sensorgate/it/cmd/record", br#"{"id":"r1","device":"d","seconds":2}"#, false).await;
+    let (r, _) = sub.wait_for(Duration::from_secs(10), |m| m.topic == "sensorgate/it/cmd/record/response").await;
+    let r = r.json();
+    assert_eq!(r["ok"], true, "{r}");
+    let file = std::path::PathBuf::from(r["result"]["file"].as_str().unwrap());
+    assert!(file.starts_with(state.join("captures")), "{r}");
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        let line = common::json_lines(i..i + 1);
+        write_all(&mut pty.master, &line).await;
+        sent.extend_from_slice(&line);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // After its two seconds the next read ends the recording; that read is not in it.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    write_all(&mut pty.master, &common::json_lines(10..11)).await;
+    sub.wait_for(Duration::from_secs(10), |m| m.topic == "sensorgate/it/devices/d/readings" && m.json()["n"] == 10)
+        .await;
+    let mut capture =
+        sensorgate::capture::CaptureReader::new(std::io::BufReader::new(std::fs::File::open(&file).unwrap())).unwrap();
+    assert_eq!(capture.header.port, link.display().to_string());
+    let mut got = Vec::new();
+    while let Some(c) = capture.next_chunk().unwrap() {
+        got.extend_from_slice(&c.bytes);
+    }
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&sent), "the port's bytes while recording");
+    assert!(gw.log_text().contains("Recording finished."), "{}", gw.log_text());
+    drop(gw);
+
+    // Off by default: commands on, no allow list.
+    let text = config(dir.path(), broker.port, &link).replacen("[mqtt]", "[commands]\nenabled = true\n[mqtt]", 1);
+    let gw = Gateway::start(dir.path(), &text);
+    sub.wait_for(Duration::from_secs(10), |m| m.topic == "sensorgate/it/state" && m.text() == "online").await;
+    common::publish(broker.port, "sensorgate/it/cmd/record", br#"{"id":"r2","device":"d"}"#, false).await;
+    let (r, _) = sub
+        .wait_for(Duration::from_secs(10), |m| m.topic == "sensorgate/it/cmd/record/response" && m.json()["id"] == "r2")
+        .await;
+    assert_eq!(r.json()["ok"], false, "{}", r.text());
+    drop(gw);
+}

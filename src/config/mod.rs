@@ -108,7 +108,7 @@ impl CommandsConfig {
     pub fn allowed(&self) -> Vec<Command> {
         match (&self.allow, self.enabled) {
             (_, false) => Vec::new(),
-            (None, true) => Command::ALL.to_vec(),
+            (None, true) => Command::ALL.into_iter().filter(|c| c.on_by_default()).collect(),
             (Some(names), true) => Command::ALL.into_iter().filter(|c| names.iter().any(|n| n == c.as_str())).collect(),
         }
     }

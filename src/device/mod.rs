@@ -5,6 +5,7 @@ mod bus;
 mod pool;
 mod port;
 mod query;
+mod recording;
 mod session;
 mod supervisor;
 mod termios;
@@ -13,6 +14,7 @@ mod worker;
 pub use self::bus::{supervise_bus, BusContext, WriteJob, STALE_AFTER};
 pub use self::port::{Port, PortOpener, SerialOpener, SerialPort};
 pub use self::query::WriteError;
+pub use self::recording::Recorder;
 
 /// Writes (the `write` command) waiting for one bus; more are refused at once.
 pub const WRITES_WAITING: usize = 8;
@@ -91,6 +93,8 @@ pub struct DeviceRuntime {
     pub decodes_alone: std::sync::atomic::AtomicBool,
     /// The other outputs' queues (Sparkplug) and the device's lane in each.
     pub also: crate::input::OtherOutputs,
+    /// The `record` command's recording of this device's port (kept across reloads).
+    pub recorder: Arc<Recorder>,
 }
 
 impl DeviceRuntime {
@@ -107,6 +111,7 @@ impl DeviceRuntime {
             writes: None,
             decodes_alone: Default::default(),
             also: Arc::default(),
+            recorder: Arc::default(),
         }
     }
 
@@ -133,6 +138,7 @@ impl DeviceRuntime {
             writes: None,
             decodes_alone: Default::default(),
             also: Arc::clone(&self.also),
+            recorder: Arc::clone(&self.recorder),
         }
     }
 

@@ -126,6 +126,7 @@ async fn run_stream(
             Ok(Step::Read(Ok(n))) => {
                 idle_deadline = Instant::now() + idle;
                 dev.counters.bytes_in.fetch_add(n as u64, Relaxed);
+                dev.recorder.tap(dev.name(), &buf[buf.len() - n..]);
                 if std::mem::take(&mut up_on_data) {
                     dev.set_state(&ctx.queue, State::Up, None);
                 }
@@ -345,6 +346,7 @@ async fn read_leftover(port: &mut SerialPort, buf: &mut BytesMut, decoding: &mut
             Ok(Ok(n)) if n > 0 => {
                 total += n;
                 dev.counters.bytes_in.fetch_add(n as u64, Relaxed);
+                dev.recorder.tap(dev.name(), &buf[buf.len() - n..]);
                 if let Fed::Panicked(_) = decoding.feed(buf).await {
                     break;
                 }
