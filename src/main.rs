@@ -591,7 +591,8 @@ async fn scan_cmd(ports: Vec<scan::Port>, opts: scan::Options, json: bool) -> an
     };
     let reports = scan::scan(&ports, &opts, &cancel, &mut progress).await;
     if cancel.is_cancelled() {
-        let _ = writeln!(stderr, "Stopped; printing what was found so far.");
+        // On a terminal, over the status line the signal cut short.
+        let _ = writeln!(stderr, "{}Stopped; printing what was found so far.", if terminal { "\r\x1b[K" } else { "" });
     }
     signals.abort();
     let text = if json { scan::report::json(&reports) } else { scan::report::toml(&reports) };
