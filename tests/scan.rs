@@ -80,6 +80,15 @@ fn line_speed(master: &tokio_serial::SerialStream) -> u32 {
     t.c_ospeed
 }
 
+/// Whether the terminal is in exclusive mode (TIOCEXCL), asked with TIOCGEXCL.
+fn exclusive(port: &impl AsRawFd) -> bool {
+    let mut on: libc::c_int = 0;
+    // SAFETY: TIOCGEXCL writes an int into the one we pass, on a descriptor we own.
+    let r = unsafe { libc::ioctl(port.as_raw_fd(), libc::TIOCGEXCL, &mut on) };
+    assert_eq!(r, 0, "TIOCGEXCL: {}", std::io::Error::last_os_error());
+    on != 0
+}
+
 /// Runs `sensorgate scan ARGS` to its end.
 async fn scan(args: Vec<String>) -> Output {
     tokio::task::spawn_blocking(move || {
@@ -116,6 +125,7 @@ async fn scan_finds_each_sensor_at_its_speed_skips_the_busy_port_and_prints_a_co
     let busy = Decoy::start(dir.path(), "busy", Speaks::Readings { format: Format::Json, baud: 115_200 });
     // Another program holds this one, as the gateway does: serialport's exclusive open.
     let holder = tokio_serial::new(busy.link.to_string_lossy(), 115_200).open_native().unwrap();
+    assert!(exclusive(&holder));
 
     let ports = [&json.link, &kv.link, &binary.link, &silent.link, &noise.link, &busy.link].map(PathBuf::as_path);
     let out = scan(args(&["--listen", "300ms"], &ports)).await;
@@ -164,7 +174,9 @@ async fn scan_finds_each_sensor_at_its_speed_skips_the_busy_port_and_prints_a_co
     assert_eq!(code, Some(0), "{said}\n{stdout}");
     assert!(said.contains("ok (3 device(s)"), "{said}");
 
-    // The holder was never disturbed: it still has the port to itself.
+    // The holder was never disturbed: its TIOCEXCL is still set (as root an open passes
+    // TIOCEXCL, and serialport's failed open would clear it on close) and its flock holds.
+    assert!(exclusive(&holder), "the scan cleared the holder's TIOCEXCL");
     assert!(tokio_serial::new(busy.link.to_string_lossy(), 9600).open_native().is_err());
     drop(holder);
 }
