@@ -37,7 +37,9 @@
 //! - [`sparkplug`]: the Sparkplug B output, a second queue and connection the readings fan
 //!   out to (its profile plugs into [`mqtt`]'s connection task).
 //! - [`app`]: wiring and phased shutdown; [`simulate`]: simulated sensors and Modbus slaves;
-//!   [`capture`]: the file format of `record` and `simulate --replay`.
+//!   [`capture`]: the file format of `record` and `simulate --replay`; [`scan`]: the field
+//!   tool that finds sensors on serial ports (with the framers and decoders above) and
+//!   writes their config.
 //! - [`status`]: `sensorgate status`, a reader of what a gateway publishes about itself (its
 //!   own connection; rendering sans-IO).
 
@@ -60,6 +62,7 @@ pub mod payload;
 pub mod queue;
 pub mod reading;
 pub mod reject;
+pub mod scan;
 pub mod simulate;
 pub mod sparkplug;
 pub mod spool;

@@ -12,6 +12,7 @@ use sensorgate::capture;
 use sensorgate::config::{Config, ConfigError};
 use sensorgate::decode::Format;
 use sensorgate::framing::Framing;
+use sensorgate::scan;
 use sensorgate::simulate::{self, PtyLink, SimSpec};
 
 /// Exit status for a configuration that cannot be used (sysexits EX_CONFIG); the systemd unit
@@ -120,6 +121,35 @@ enum Command {
         #[arg(long, default_value_t = 1.0, requires = "replay", value_parser = parse_speed)]
         speed: f64,
     },
+    /// Find sensors on serial ports: listen at each line speed, say what each port sends, and
+    /// print the config that reads them (see README "sensorgate scan").
+    Scan {
+        /// Ports to scan (default: every /dev/serial/by-id link, then /dev/ttyUSB*, /dev/ttyACM*,
+        /// /dev/ttyAMA*, /dev/serial0, /dev/serial1 not already covered).
+        paths: Vec<PathBuf>,
+        /// Line speeds to listen at, in this order; a port's scan stops at the first that is readable.
+        #[arg(long, value_delimiter = ',', default_value = "115200,57600,38400,19200,9600")]
+        bauds: Vec<u32>,
+        /// How long to listen at each speed.
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        listen: Duration,
+        /// Print the results as JSON instead of a config.
+        #[arg(long)]
+        json: bool,
+        /// Also probe ports that stayed silent for Modbus RTU slaves (this transmits: a read of
+        /// holding register 0 to every unit, over each line setting).
+        #[arg(long)]
+        modbus: bool,
+        /// With --modbus: the line speeds to probe (each 8E1, 8N1, 8N2).
+        #[arg(long, value_delimiter = ',', default_value = "9600,19200,38400,115200", requires = "modbus")]
+        modbus_bauds: Vec<u32>,
+        /// With --modbus: the unit ids to ask, e.g. 1-10 or 5.
+        #[arg(long, default_value = "1-247", value_parser = parse_units, requires = "modbus")]
+        units: std::ops::RangeInclusive<u8>,
+        /// With --modbus: how long a unit gets to answer.
+        #[arg(long, default_value = "100ms", value_parser = parse_duration, requires = "modbus")]
+        modbus_timeout: Duration,
+    },
     /// Record what a serial port sends, with arrival times, into a capture file (see README
     /// "Captures") that `simulate --replay` plays back.
     Record {
@@ -144,6 +174,19 @@ fn parse_speed(text: &str) -> Result<f64, String> {
         Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
         _ => Err("give a speed above 0, e.g. 1, 2 or 0.5".into()),
     }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (e.g. 300ms, 3s)"))
+}
+
+fn parse_units(text: &str) -> Result<std::ops::RangeInclusive<u8>, String> {
+    let unit = |s: &str| s.trim().parse::<u8>().ok().filter(|u| (1..=247).contains(u));
+    let range = match text.split_once('-') {
+        Some((a, b)) => unit(a).zip(unit(b)).map(|(a, b)| a..=b),
+        None => unit(text).map(|u| u..=u),
+    };
+    range.filter(|r| !r.is_empty()).ok_or_else(|| "give unit ids 1..=247 as a range, e.g. 1-10, or one id".into())
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -261,6 +304,18 @@ fn main() -> ExitCode {
             let options =
                 sensorgate::status::Options { timeout, json, colour: sensorgate::status::Colour::for_stdout(), watch };
             status_cmd(&target, options)
+        }
+        Command::Scan { paths, bauds, listen, json, modbus, modbus_bauds, units, modbus_timeout } => {
+            // Quiet: stderr is the progress display; only problems are logged.
+            init_logging(cli.log_format, "warn");
+            let ports = if paths.is_empty() { scan::default_ports() } else { scan::given_ports(paths) };
+            let probe = modbus.then(|| scan::modbus::Probe {
+                settings: scan::modbus::LineSetting::all(&modbus_bauds),
+                units,
+                timeout: modbus_timeout,
+            });
+            let opts = scan::Options { bauds, listen, modbus: probe };
+            exit_from(runtime().and_then(|rt| rt.block_on(scan_cmd(ports, opts, json))))
         }
         Command::Record { port, baud, out, seconds, max_bytes } => {
             init_logging(cli.log_format, "info");
@@ -598,6 +653,43 @@ async fn simulate_cmd(port: SimPort, job: SimJob, baud: u32) -> anyhow::Result<(
             Ok(())
         }
     }
+}
+
+/// Scans `ports` until done or a signal, showing progress on stderr, then prints what was
+/// found (a config, or JSON) on stdout.
+async fn scan_cmd(ports: Vec<scan::Port>, opts: scan::Options, json: bool) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let stop = cancel.clone();
+    let signals = tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.cancel();
+    });
+    let terminal = std::io::stderr().is_terminal();
+    let mut stderr = std::io::stderr();
+    if ports.is_empty() {
+        let _ = writeln!(stderr, "No serial ports found (give their paths, e.g. sensorgate scan /dev/ttyUSB0).");
+    }
+    let mut progress = |p: scan::Progress| {
+        // A terminal gets one status line, rewritten in place; a log gets a line per step.
+        let _ = match (&p, terminal) {
+            (scan::Progress::Trying(t) | scan::Progress::Detail(t), true) => write!(stderr, "\r\x1b[K{t}"),
+            (scan::Progress::Result(t), true) => writeln!(stderr, "\r\x1b[K{t}"),
+            (scan::Progress::Trying(t) | scan::Progress::Result(t), false) => writeln!(stderr, "{t}"),
+            (scan::Progress::Detail(_), false) => Ok(()),
+        };
+    };
+    let reports = scan::scan(&ports, &opts, &cancel, &mut progress).await;
+    if cancel.is_cancelled() {
+        // On a terminal, over the status line the signal cut short.
+        let _ = writeln!(stderr, "{}Stopped; printing what was found so far.", if terminal { "\r\x1b[K" } else { "" });
+    }
+    signals.abort();
+    let text = if json { scan::report::json(&reports) } else { scan::report::toml(&reports) };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}").context("writing the results")?;
+    stdout.flush().context("writing the results")?;
+    Ok(())
 }
 
 /// Writes a capture's chunks to `to` at their recorded times (divided by `speed`), until its
