@@ -90,8 +90,9 @@ dpkg-deb --info "$deb"
 dpkg-deb --contents "$deb"
 
 depends=$(dpkg-deb --field "$deb" Depends)
-# $auto must resolve to libc6 alone; the rest is the systemd-sysusers dependency from Cargo.toml.
-if ! [[ "$depends" =~ ^libc6(:[a-z0-9]+)?\ \(\>=\ [0-9.]+\),\ systemd\ \|\ systemd-sysusers$ ]]; then
+# $auto must resolve to libc6 alone; the rest is from Cargo.toml: procps (/bin/kill for the
+# unit's ExecReload) and the systemd-sysusers dependency. cargo-deb sorts them.
+if ! [[ "$depends" =~ ^libc6(:[a-z0-9]+)?\ \(\>=\ [0-9.]+\),\ procps,\ systemd\ \|\ systemd-sysusers$ ]]; then
     fail "unexpected Depends: $depends"
 fi
 dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx "$conf" \
