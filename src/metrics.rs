@@ -12,6 +12,8 @@ use crate::reject::Reject;
 
 #[derive(Debug, Serialize)]
 pub struct Metrics<'a> {
+    /// The gateway's version (Cargo's package version).
+    pub version: &'static str,
     pub uptime_s: u64,
     pub process: ProcessMetrics,
     pub queue: QueueMetrics,
@@ -348,6 +350,7 @@ pub fn snapshot<'a>(
         })
         .collect();
     Metrics {
+        version: env!("CARGO_PKG_VERSION"),
         uptime_s,
         process: ProcessMetrics::now(),
         queue: QueueMetrics {

@@ -92,6 +92,8 @@ pub struct DeviceStatus {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct MetricsIn {
+    /// Absent from gateways older than this field.
+    pub version: Option<String>,
     pub uptime_s: u64,
     pub queue: QueueIn,
     pub mqtt: MqttIn,
@@ -360,6 +362,7 @@ impl Observation {
             id: self.topics.gateway.clone(),
             topic_prefix: self.topics.prefix.clone(),
             state: self.gateway.clone(),
+            version: latest.and_then(|s| s.metrics.version.clone()),
             uptime_s: latest.map(|s| s.metrics.uptime_s),
             mqtt_connected: latest.map(|s| s.metrics.mqtt.connected),
             queue_readings: latest.map(|s| s.metrics.queue.readings),
@@ -470,6 +473,7 @@ pub struct GatewayRow {
     pub topic_prefix: String,
     /// The retained `online` / `offline`.
     pub state: Option<String>,
+    pub version: Option<String>,
     pub uptime_s: Option<u64>,
     pub mqtt_connected: Option<bool>,
     pub queue_readings: Option<u64>,
@@ -585,6 +589,9 @@ impl Report {
         }
         if let (Some(n), Some(b)) = (g.queue_readings, g.queue_bytes) {
             let _ = write!(out, "  queue {n} readings ({})", bytesize::ByteSize(b).display().iec_short());
+        }
+        if let Some(v) = &g.version {
+            let _ = write!(out, "  v{v}");
         }
         out.push('\n');
         let header = [

@@ -137,6 +137,7 @@ async fn each_device_shows_its_real_state_and_the_exit_status_says_whether_all_i
     assert_eq!(v["gateway"]["topic_prefix"], "sensorgate");
     assert_eq!(v["gateway"]["state"], "online");
     assert_eq!(v["gateway"]["mqtt_connected"], true);
+    assert_eq!(v["gateway"]["version"], env!("CARGO_PKG_VERSION"), "from the metrics");
     assert!(v["gateway"]["uptime_s"].is_u64());
     assert!(v["gateway"]["queue_readings"].is_u64());
     assert!(v["gateway"]["metrics_messages"].as_u64().unwrap() >= 2, "it waits for two metrics messages: {v}");
