@@ -53,6 +53,34 @@ pip_venv amqtt-venv "amqtt==$AMQTT_VERSION"
 pip_venv pymodbus-venv "pymodbus==$PYMODBUS_VERSION" "pyserial==$PYSERIAL_VERSION"
 pip_venv sparkplug-venv "pysparkplug==$PYSPARKPLUG_VERSION"
 
+# Home Assistant's own MQTT discovery schemas (tests/homeassistant.rs): Home Assistant 2026.11
+# needs Python >= 3.14, which only Debian's newer suites carry, so it lives in a Debian sid
+# chroot (debootstrap; root only), built once (~2 min). Without it the test says so and skips.
+HOMEASSISTANT_VERSION=2026.11.0
+ha_root="$SG_INTEROP_DIR/ha-root"
+ha_ok() {
+    chroot "$ha_root" /ha/bin/python -c \
+        "import sys, homeassistant.const as c; sys.exit(c.__version__ != '$HOMEASSISTANT_VERSION')" 2>/dev/null
+}
+if [ "$(id -u)" = 0 ] && ! ha_ok; then
+    if command -v debootstrap >/dev/null 2>&1 || apt-get install -y -qq debootstrap >/dev/null 2>&1; then
+        echo "building a Debian sid chroot with Home Assistant $HOMEASSISTANT_VERSION in $ha_root" >&2
+        rm -rf "$ha_root"
+        if debootstrap --variant=minbase --include=python3.14,python3.14-venv,ca-certificates sid "$ha_root" \
+            http://deb.debian.org/debian >/dev/null 2>&1; then
+            # The host's CA bundle: PyPI may be reached through this network's proxy.
+            cp /etc/ssl/certs/ca-certificates.crt "$ha_root/etc/ssl/certs/ca-certificates.crt"
+            cp /etc/resolv.conf "$ha_root/etc/resolv.conf" 2>/dev/null || true
+            chroot "$ha_root" sh -c "python3.14 -m venv /ha && /ha/bin/pip install --quiet --disable-pip-version-check \
+                --cert /etc/ssl/certs/ca-certificates.crt homeassistant==$HOMEASSISTANT_VERSION paho-mqtt==2.1.0" \
+                || { echo "WARNING: could not install Home Assistant in $ha_root; tests/homeassistant.rs will skip" >&2; rm -rf "$ha_root"; }
+        else
+            echo "WARNING: debootstrap of Debian sid failed; tests/homeassistant.rs will skip" >&2
+            rm -rf "$ha_root"
+        fi
+    fi
+fi
+
 aedes="$SG_INTEROP_DIR/aedes"
 if [ "$(node -p "require('$aedes/node_modules/aedes/package.json').version" 2>/dev/null)" != "$AEDES_VERSION" ]; then
     command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js and npm (apt-get install nodejs npm) and retry" >&2; exit 1; }

@@ -547,7 +547,13 @@ async fn an_exception_response_is_counted_by_code_and_logged_once() {
         let dev = &m["devices"][name];
         let exceptions = n(&dev["modbus"]["exceptions"], code);
         assert_eq!(n(&dev["rejected"], "exception"), exceptions, "{dev}");
-        assert_eq!((n(dev, "frames_in"), n(dev, "readings")), (exceptions, 0), "{dev}");
+        // Every poll failed. On a loaded machine (CI once: 8 poll overruns at 50 ms) a reply
+        // can come late, after the next request went out, and is then rejected as a timing
+        // failure of that poll rather than as its exception: those reasons only.
+        assert_eq!((n(dev, "frames_in"), n(dev, "readings")), (n(&dev["rejected"], "total"), 0), "{dev}");
+        let timing: u64 = ["no_response", "overlong_reply", "short_reply"].iter().map(|r| n(&dev["rejected"], r)).sum();
+        assert_eq!(n(&dev["rejected"], "total"), exceptions + timing, "exceptions, or late replies: {dev}");
+        assert!(exceptions >= 1, "{dev}");
         assert_eq!(dev["modbus"]["exceptions"].as_object().unwrap().len(), 1, "only code {code}: {dev}");
         let logged: Vec<&str> = log
             .lines()
