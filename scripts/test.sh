@@ -71,7 +71,7 @@ if [ "$(id -u)" = 0 ] && ! ha_ok; then
             # The host's CA bundle: PyPI may be reached through this network's proxy.
             cp /etc/ssl/certs/ca-certificates.crt "$ha_root/etc/ssl/certs/ca-certificates.crt"
             cp /etc/resolv.conf "$ha_root/etc/resolv.conf" 2>/dev/null || true
-            chroot "$ha_root" sh -c "python3.14 -m venv /ha && /ha/bin/pip install --quiet --disable-pip-version-check \
+            chroot "$ha_root" sh -c "unset PIP_FIND_LINKS; python3.14 -m venv /ha && /ha/bin/pip install --quiet --disable-pip-version-check \
                 --cert /etc/ssl/certs/ca-certificates.crt homeassistant==$HOMEASSISTANT_VERSION paho-mqtt==2.1.0" \
                 || { echo "WARNING: could not install Home Assistant in $ha_root; tests/homeassistant.rs will skip" >&2; rm -rf "$ha_root"; }
         else
