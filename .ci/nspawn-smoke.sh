@@ -67,7 +67,9 @@ inside() { nsenter -t "$leader" -m -u -i -n -p -- "$@"; }
 inside systemctl is-system-running --wait >/dev/null 2>&1 || true
 echo "== booted: $(inside systemctl --version | head -1)"
 
-inside sh -c 'dpkg -i /root/sensorgate.deb >/dev/null && cp /root/sensorgate.toml /etc/sensorgate/sensorgate.toml'
+# A kept root filesystem may hold an earlier install with an edited conffile: start clean
+# (dpkg would stop at its conffile prompt).
+inside sh -c 'dpkg --purge sensorgate >/dev/null 2>&1; dpkg -i /root/sensorgate.deb >/dev/null && cp /root/sensorgate.toml /etc/sensorgate/sensorgate.toml'
 inside systemctl enable --now mosquitto >/dev/null 2>&1
 # The simulated sensor runs as the service's user, so that the pseudo-terminal is its to open.
 inside sh -c 'mkdir -p /run/sim && chown sensorgate /run/sim'
