@@ -183,8 +183,8 @@ struct Core {
     spool: Option<SpoolAndThread>,
     /// The Sparkplug B output, when enabled (taken at shutdown).
     sparkplug: std::sync::Mutex<Option<SparkplugOutput>>,
-    /// Its queue, which every device's readings also go to.
-    sparkplug_queue: Option<Arc<ReadingQueue>>,
+    /// What outlives the output's shutdown: its counters, its connection (and queue, which
+    /// every device's readings also go to) and spool.
     sparkplug_stats: Option<SparkplugView>,
 }
 
@@ -267,15 +267,15 @@ impl Core {
         ));
         let topics = Topics::new(config);
         let discovery = config.homeassistant.enabled.then(|| Discovery::new(config, &topics));
-        let spool = match config.spool.path(&config.gateway) {
-            Some(dir) => {
-                let settings = spool::Settings {
-                    dir,
-                    max_bytes: config.spool.max_bytes,
-                    sync_interval: config.spool.sync_interval,
-                    one_stream: config.spool.one_stream(),
-                    devices: units(config).len(),
-                };
+        let spool_settings = config.spool.path(&config.gateway).map(|dir| spool::Settings {
+            dir,
+            max_bytes: config.spool.max_bytes,
+            sync_interval: config.spool.sync_interval,
+            one_stream: config.spool.one_stream(),
+            devices: units(config).len(),
+        });
+        let spool = match spool_settings.clone() {
+            Some(settings) => {
                 let spool = Spool::new(settings, Arc::clone(&queue));
                 let thread = spool.start().map_err(AppError::Spool)?;
                 Some((spool, std::sync::Mutex::new(Some(thread))))
@@ -287,16 +287,16 @@ impl Core {
         let draining = CancellationToken::new();
         let sparkplug = if config.sparkplug.enabled {
             let beat = live.beat_for(SPARKPLUG);
-            let spool = config.spool.path(&config.gateway).map(|dir| spool::Settings {
-                dir: crate::sparkplug::spool_dir(&dir),
-                max_bytes: config.spool.max_bytes,
-                sync_interval: config.spool.sync_interval,
-                one_stream: false,
-                devices: units(config).len(),
-            });
             Some(
-                SparkplugOutput::start(config, Arc::clone(&registry), beat, draining.clone(), hooks.jitter, spool)
-                    .map_err(AppError::Spool)?,
+                SparkplugOutput::start(
+                    config,
+                    Arc::clone(&registry),
+                    beat,
+                    draining.clone(),
+                    hooks.jitter,
+                    spool_settings,
+                )
+                .map_err(AppError::Spool)?,
             )
         } else {
             None
@@ -309,7 +309,6 @@ impl Core {
             packet_limit: PacketLimit::new(config.mqtt.max_packet_size as usize),
             registry,
             live,
-            sparkplug_queue: sparkplug.as_ref().map(|s| Arc::clone(&s.queue)),
             sparkplug_stats: sparkplug.as_ref().map(|s| (Arc::clone(&s.stats), Arc::clone(&s.shared), s.spool.clone())),
             sparkplug: std::sync::Mutex::new(sparkplug),
             discovery: Arc::new(std::sync::Mutex::new(discovery)),
@@ -395,7 +394,8 @@ impl Core {
                 let lane = self.queue.add_lane(&config.name);
                 let limit = self.packet_limit.for_topic(&self.topics.readings(&config.name));
                 let state_topic = self.topics.device_state(&config.name);
-                let also = self.sparkplug_queue.iter().map(|q| (Arc::clone(q), q.add_lane(&config.name))).collect();
+                let queues = self.sparkplug_stats.iter().map(|(_, conn, _)| &conn.queue);
+                let also = queues.map(|q| (Arc::clone(q), q.add_lane(&config.name))).collect();
                 DeviceRuntime::new(lane, config, state_topic, limit).with_outputs(also)
             }
         };

@@ -96,9 +96,10 @@ pub trait Profile: Send {
     fn may_publish(&self) -> bool;
     /// Publishes due now, whatever the readings (births, deaths, node data).
     fn due(&mut self, out: &mut Vec<Publish>);
-    /// The publishes of one reading of the device called `device`; false when it cannot be
-    /// published at all (dropped, and the profile counts and logs it).
-    fn reading(&mut self, device: &str, payload: &[u8], out: &mut Vec<Publish>) -> bool;
+    /// The publishes of one reading of queue lane `lane` (a device; the profile knows its
+    /// queue and names it); false when it cannot be published at all (dropped, and the
+    /// profile counts and logs it).
+    fn reading(&mut self, lane: usize, payload: &[u8], out: &mut Vec<Publish>) -> bool;
     /// A message on one of the subscriptions.
     fn incoming(&mut self, message: &Message);
     /// The last publish before a clean disconnect.

@@ -232,17 +232,17 @@ impl<'a> Session<'a> {
 
     /// A profile's last words (Sparkplug's NDEATH) before DISCONNECT.
     fn put_farewell(&mut self) {
-        let farewell = self.shared.profile().and_then(|mut p| p.farewell());
-        if let Some(p) = farewell {
-            let _ = self.put_profile_publishes(&[p]);
-        }
+        self.profile_out.clear();
+        self.profile_out.extend(self.shared.profile().and_then(|mut p| p.farewell()));
+        let _ = self.put_profile_out();
     }
 
-    /// Writes a profile's publishes (QoS 0) into the batch; one that cannot be sent is dropped
-    /// and counted as a refused control message. Returns whether all were written.
-    fn put_profile_publishes(&mut self, publishes: &[Publish]) -> bool {
+    /// Writes the profile's publishes in `profile_out` (QoS 0) into the batch; one that cannot
+    /// be sent is dropped and counted as a refused control message. Returns whether all were
+    /// written.
+    fn put_profile_out(&mut self) -> bool {
         let mut all = true;
-        for p in publishes {
+        for p in &self.profile_out {
             let meta = PublishMeta { pkid: 0, retain: false, expiry_s: None, correlation: None };
             let r = codec::put_publish(&mut self.wbuf, self.version, meta, &p.payload, self.limit, |b| {
                 codec::put_str(b, &p.topic)
@@ -267,9 +267,7 @@ impl<'a> Session<'a> {
             profile.due(&mut self.profile_out);
             let may_publish = profile.may_publish();
             drop(profile);
-            let due = std::mem::take(&mut self.profile_out);
-            let _ = self.put_profile_publishes(&due);
-            self.profile_out = due;
+            let _ = self.put_profile_out();
             if !may_publish {
                 // Readings wait in the queue (bounded, drop-oldest) until the profile may
                 // publish again: the primary host's return, a connection.
@@ -295,13 +293,9 @@ impl<'a> Session<'a> {
             let written = match &out {
                 Outbound::Reading { device, payload, .. } if shared.has_profile() => {
                     self.profile_out.clear();
-                    let name = shared.queue.lane_name(*device);
-                    let ok = shared.profile().is_some_and(|mut p| p.reading(&name, payload, &mut self.profile_out));
-                    let publishes = std::mem::take(&mut self.profile_out);
+                    let ok = shared.profile().is_some_and(|mut p| p.reading(*device, payload, &mut self.profile_out));
                     // A reading whose publish does not fit the broker's limit is not delivered.
-                    let ok = ok && self.put_profile_publishes(&publishes);
-                    self.profile_out = publishes;
-                    if ok {
+                    if ok && self.put_profile_out() {
                         Ok(())
                     } else {
                         Err(EncodeError::Codec("the profile cannot publish this reading".into()))

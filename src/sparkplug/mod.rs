@@ -73,6 +73,8 @@ struct SparkplugProfile {
     states_at: Option<Instant>,
     health_at: Option<Instant>,
     health: Health,
+    /// The queue's lane names, by lane.
+    lane_names: Vec<Arc<str>>,
 }
 
 impl SparkplugProfile {
@@ -188,7 +190,13 @@ impl Profile for SparkplugProfile {
         self.node.due(self.health, out);
     }
 
-    fn reading(&mut self, device: &str, payload: &[u8], out: &mut Vec<Publish>) -> bool {
+    fn reading(&mut self, lane: usize, payload: &[u8], out: &mut Vec<Publish>) -> bool {
+        // Lane names never change (lanes are by name and never removed): looked up once each,
+        // not under the queue's lock per reading.
+        while self.lane_names.len() <= lane {
+            self.lane_names.push(self.queue.lane_name(self.lane_names.len()));
+        }
+        let device = &*self.lane_names[lane];
         match self.node.reading(device, payload, out) {
             Ok(()) => true,
             Err(e) => {
@@ -290,9 +298,10 @@ impl SparkplugOutput {
     ///
     /// # Errors
     /// A credential or certificate file of its connection cannot be read.
-    /// With `spool`, readings its broker cannot take now (away, slow) go to disk as the main
-    /// output's do, and come back later as historical data: live readings first, each in its
-    /// device's order.
+    /// With `spool` (the main output's settings), readings its broker cannot take now (away,
+    /// slow) go to disk as the main output's do, in a spool of its own beside the main one
+    /// ([`spool_dir`]), and come back later as historical data: live readings first, each in
+    /// its device's order.
     pub fn start(
         config: &Config,
         registry: Arc<Registry>,
@@ -314,7 +323,8 @@ impl SparkplugOutput {
         ));
         let (spool, spool_thread) = match spool {
             Some(settings) => {
-                let spool = Spool::new(spool::Settings { one_stream: false, ..settings }, Arc::clone(&queue));
+                let settings = spool::Settings { dir: spool_dir(&settings.dir), one_stream: false, ..settings };
+                let spool = Spool::new(settings, Arc::clone(&queue));
                 let thread = spool.start()?;
                 (Some(spool), Some(thread))
             }
@@ -342,6 +352,7 @@ impl SparkplugOutput {
             states_at: None,
             health_at: None,
             health: Health::default(),
+            lane_names: Vec::new(),
         };
         let nothing = || Box::new(Vec::new) as Box<dyn Fn() -> Vec<crate::queue::Control> + Send + Sync>;
         let shared = Arc::new(

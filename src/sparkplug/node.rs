@@ -82,6 +82,21 @@ struct Device {
     ddeath: String,
 }
 
+impl Device {
+    /// Its metric `name`, added with the node's next alias if it is new (then `true`): one
+    /// place hands out aliases, so they stay unique across the node.
+    fn metric(&mut self, name: String, datatype: DataType, next_alias: &mut u64) -> (&mut MetricDef, bool) {
+        match self.metrics.iter().position(|m| m.name == name) {
+            Some(i) => (&mut self.metrics[i], false),
+            None => {
+                self.metrics.push(MetricDef { name, alias: *next_alias, datatype, last: None });
+                *next_alias += 1;
+                (self.metrics.last_mut().expect("pushed"), true)
+            }
+        }
+    }
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct EdgeNode {
@@ -283,10 +298,7 @@ impl EdgeNode {
         let mut next_alias = self.next_alias;
         let d = self.device(name);
         for (metric, datatype) in metrics {
-            if !d.metrics.iter().any(|m| m.name == metric) {
-                d.metrics.push(MetricDef { name: metric, alias: next_alias, datatype, last: None });
-                next_alias += 1;
-            }
+            d.metric(metric, datatype, &mut next_alias);
         }
         self.next_alias = next_alias;
     }
@@ -458,15 +470,8 @@ impl EdgeNode {
         let mut changed = !d.born;
         let mut data = Vec::with_capacity(values.len());
         for (metric, (datatype, value)) in values {
-            let def = match d.metrics.iter_mut().find(|m| m.name == metric) {
-                Some(def) => def,
-                None => {
-                    d.metrics.push(MetricDef { name: metric, alias: next_alias, datatype, last: None });
-                    next_alias += 1;
-                    changed = true;
-                    d.metrics.last_mut().expect("pushed")
-                }
-            };
+            let (def, new) = d.metric(metric, datatype, &mut next_alias);
+            changed |= new;
             if def.datatype != datatype {
                 def.datatype = datatype;
                 changed = true;
